@@ -1,0 +1,79 @@
+"""Shared test configuration.
+
+* The Triton kernel runs on CPU only in interpreter mode, and ``TRITON_INTERPRET`` is read when kernels are
+  defined, so it is set here, before anything imports triton, unless the machine has an NVIDIA driver (then the
+  kernel compiles for the GPU) or the variable is already set.
+* The golden fixtures of the official implementation are read from ``../shared/reference/fixtures`` beside the
+  repository root, or from ``$NACLIP_FIXTURES_DIR``. A missing fixtures directory is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = Path(
+    os.environ.get("NACLIP_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "reference" / "fixtures")
+).resolve()
+CLASSNAMES_DIR = Path(
+    os.environ.get("NACLIP_CLASSNAMES_DIR", REPO_ROOT.parent / "shared" / "reference" / "classnames")
+).resolve()
+
+
+def _require_dir(path: Path, what: str, env: str) -> Path:
+    if not path.is_dir():
+        raise pytest.UsageError(
+            f"{what} not found at {path}; they are required (tests fail rather than skip). "
+            f"Place them there or point ${env} at them."
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    d = _require_dir(FIXTURES_DIR, "golden fixtures", "NACLIP_FIXTURES_DIR")
+    if not (d / "manifest.json").is_file():
+        raise pytest.UsageError(f"{d} has no manifest.json")
+    return d
+
+
+@pytest.fixture(scope="session")
+def classnames_dir() -> Path:
+    return _require_dir(CLASSNAMES_DIR, "reference class-name files", "NACLIP_CLASSNAMES_DIR")
+
+
+@pytest.fixture(scope="session")
+def manifest(fixtures_dir: Path) -> dict:
+    return json.loads((fixtures_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_tensors(fixtures_dir: Path, manifest: dict) -> dict:
+    """All fixture tensors, keyed by file name then tensor key (loaded once per session)."""
+    from safetensors.torch import load_file
+
+    files = {c["file"] for c in manifest["cases"]} | {"weights.safetensors"}
+    return {f: load_file(str(fixtures_dir / f)) for f in files}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Fail the whole run up front (not per test) when the fixtures are absent.
+    _require_dir(FIXTURES_DIR, "golden fixtures", "NACLIP_FIXTURES_DIR")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    import torch
+
+    return [
+        f"naclip: fixtures={FIXTURES_DIR} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')} "
+        f"torch={torch.__version__} cuda={torch.cuda.is_available()}"
+    ]
