@@ -1,0 +1,378 @@
+"""NACLIP dense features on an open_clip ``VisionTransformer`` (NACLIP spec section 1).
+
+:class:`NaclipVisual` wraps (does not copy) an open_clip ``VisionTransformer`` and runs its own forward over
+the tower's modules:
+
+1. ``conv1`` (kernel = stride = patch ``P``; a side that is not a multiple of ``P`` loses its remainder,
+   as the convolution floors: ``gh = H // P``, ``gw = W // P``) -> flatten row-major -> prepend
+   ``class_embedding``.
+2. ``+`` positional embedding: the stored one if ``T = 1 + gh*gw`` equals the pretrained token count,
+   otherwise :meth:`NaclipVisual.interpolate_pos_embed` (the official ``(g + 0.1) / g0`` bicubic rule).
+3. ``patch_dropout`` is never applied (inference); ``ln_pre`` and blocks ``0 .. L-2`` are open_clip's own
+   modules, called unchanged (in the layout the transformer's ``batch_first`` setting asks for).
+4. The last block per ``arch`` with the attention ``strategy`` (:mod:`naclip.strategies`):
+   ``reduced``: ``x_out = ls_1(out_proj(attn(ln_1(x))))`` (no residual, no MLP);
+   ``vanilla``: ``x = x + ls_1(out_proj(attn(ln_1(x))))``; ``x_out = x + ls_2(mlp(ln_2(x)))``.
+   (``ls_1``/``ls_2`` are LayerScale modules if the model has them, identity for CLIP.) q/k/v come from
+   the block's packed ``attn.in_proj_weight`` / ``attn.in_proj_bias`` (rows ``[q | k | v]``) and
+   ``attn.out_proj``, which both ``nn.MultiheadAttention`` and open_clip's ``Attention`` expose;
+   strategies that do not use Q (``naclip``, ``kk``) skip the Q rows of the projection entirely.
+5. ``ln_post`` on **all** tokens, then ``@ proj`` -> ``[B, 1 + gh*gw, output_dim]`` (token 0 = CLS,
+   patch token ``1 + r*gw + c``; not L2-normalised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import Attention, VisionTransformer
+from torch import Tensor, nn
+
+from naclip.strategies import get_strategy, validate_config
+
+__all__ = ["NaclipVisual"]
+
+
+def _is_identity(module: object) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _check_last_block(block: nn.Module) -> None:
+    """Raise ``ValueError`` when the last block has parts the NACLIP forward cannot reproduce."""
+    where = "visual.transformer.resblocks[-1]"
+    for name in ("ln_1", "attn", "ln_2", "mlp"):
+        if not hasattr(block, name):
+            raise ValueError(
+                f"{where} ({type(block).__name__}) has no '{name}'; expected a pre-LN CLIP block"
+            )
+    if not _is_identity(getattr(block, "ln_attn", None)):
+        raise ValueError(
+            f"{where} has an 'ln_attn' norm after attention (open_clip scale_attn=True); NACLIP's "
+            "modified last block is defined for CLIP blocks without it (unsupported model)"
+        )
+    attn = block.attn
+    if isinstance(attn, nn.MultiheadAttention):
+        if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+            raise ValueError(
+                f"{where}.attn uses separate q/k/v projections (kdim/vdim != embed_dim); unsupported"
+            )
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError(f"{where}.attn uses add_bias_kv / add_zero_attn; unsupported")
+    elif isinstance(attn, Attention):
+        extras = []
+        if attn.logit_scale is not None:
+            extras.append("scaled cosine attention")
+        if not _is_identity(attn.ln_q) or not _is_identity(attn.ln_k):
+            extras.append("qk_norm")
+        if attn.head_scale is not None:
+            extras.append("scale_heads")
+        if not _is_identity(attn.ln_inner):
+            extras.append("inner norm (scale_attn_inner)")
+        if extras:
+            raise ValueError(f"{where}.attn uses {', '.join(extras)}; NACLIP's attention cannot reproduce it")
+    else:
+        raise ValueError(
+            f"{where}.attn is a {type(attn).__name__}; "
+            "expected nn.MultiheadAttention or open_clip's Attention"
+        )
+    if not isinstance(getattr(attn, "in_proj_weight", None), Tensor) or not isinstance(
+        getattr(attn, "out_proj", None), nn.Linear
+    ):
+        raise ValueError(f"{where}.attn lacks in_proj_weight / out_proj")
+
+
+class NaclipVisual(nn.Module):
+    """NACLIP dense image features from an open_clip ``VisionTransformer`` (weights shared, not copied).
+
+    Args:
+        visual: ``open_clip.transformer.VisionTransformer`` (e.g. ``clip_model.visual`` of an open_clip
+            ViT CLIP). Towers from timm, ``ModifiedResNet`` or attention-pooling (CoCa) models raise
+            ``TypeError`` / ``ValueError``.
+        arch: last-block architecture, ``"reduced"`` (NACLIP) or ``"vanilla"``.
+        strategy: attention strategy name in :data:`naclip.strategies.STRATEGIES`
+            (``naclip``, ``nonly``, ``kk``, ``vanilla``, ``csa``).
+        gaussian_std: Gaussian std in **patch units** (``> 0`` for ``naclip`` / ``nonly``; ignored otherwise).
+        backend: ``naclip_kernels`` backend (``None`` = its global default, ``"auto"``, ``"torch"``,
+            ``"triton"``, ``"reference"``).
+
+    ``forward(images)``: ``images`` ``[B, 3, H, W]`` normalised floating tensor (cast to the weights'
+    dtype) -> ``[B, 1 + gh*gw, output_dim]`` in the weights' dtype, ``gh = H // P``, ``gw = W // P``;
+    token 0 = CLS.
+    ``NACLIP`` itself is ``arch="reduced", strategy="naclip", gaussian_std=5``.
+    """
+
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        *,
+        arch: str = "reduced",
+        strategy: str = "naclip",
+        gaussian_std: float = 5.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(
+                "visual must be an open_clip VisionTransformer (a CLIP ViT image tower, e.g. "
+                f"model.visual); got {type(visual).__module__}.{type(visual).__name__} (timm, "
+                "ModifiedResNet and other towers are not supported)"
+            )
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(
+                "visual uses attentional pooling (CoCa-style); NACLIP needs a CLIP ViT with ln_post/proj"
+            )
+        conv = visual.conv1
+        if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.in_channels != 3:
+            raise ValueError(
+                "visual.conv1 must be a patch embedding (kernel == stride, no padding, 3 input "
+                f"channels); got kernel={conv.kernel_size}, stride={conv.stride}, "
+                f"padding={conv.padding}, in_channels={conv.in_channels}"
+            )
+        blocks = visual.transformer.resblocks
+        if len(blocks) < 1:
+            raise ValueError("visual.transformer has no residual blocks")
+        _check_last_block(blocks[-1])
+        self.visual = visual
+        self._pretrained_grid = self._infer_pretrained_grid(visual)
+        self.arch = "reduced"
+        self.strategy = "naclip"
+        self.gaussian_std: float | None = 5.0
+        self.set_params(arch=arch, strategy=strategy, gaussian_std=gaussian_std)
+        self.backend = backend
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def backend(self) -> str | None:
+        """``naclip_kernels`` backend for the last-block attention (``None`` = the global default)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"backend must be None or a backend name string; got {type(value).__name__} {value!r}"
+            )
+        self._backend = value
+
+    def set_params(
+        self, arch: str | None = None, strategy: str | None = None, gaussian_std: float | None = None
+    ) -> None:
+        """Change ``arch`` / ``strategy`` / ``gaussian_std`` (``None`` keeps the current value).
+
+        Validated together as in the official ``set_params`` (see
+        :func:`naclip.strategies.validate_config`); on error nothing changes. Takes effect on the next
+        forward: nothing derived from these values is cached (the Gaussian bias is computed inside the
+        kernel from token indices).
+        """
+        new_arch = self.arch if arch is None else arch
+        new_strategy = self.strategy if strategy is None else strategy
+        new_std = self.gaussian_std if gaussian_std is None else gaussian_std
+        checked = validate_config(new_arch, new_strategy, new_std)
+        self.arch, self.strategy = new_arch, new_strategy
+        self.gaussian_std = checked if checked is not None else new_std
+
+    def extra_repr(self) -> str:
+        return (
+            f"arch={self.arch!r}, strategy={self.strategy!r}, gaussian_std={self.gaussian_std!r}, "
+            f"backend={self.backend!r}, patch_size={self.patch_size}, pretrained_grid={self.pretrained_grid}"
+        )
+
+    # ------------------------------------------------------------------ geometry
+    @staticmethod
+    def _infer_pretrained_grid(visual: VisionTransformer) -> tuple[int, int]:
+        pe = visual.positional_embedding
+        if pe.ndim != 2:
+            raise ValueError(
+                f"visual.positional_embedding must be [1 + N, width]; got shape {tuple(pe.shape)}"
+            )
+        n = pe.shape[0] - 1
+        grid = tuple(int(g) for g in getattr(visual, "grid_size", (0, 0)))
+        if len(grid) == 2 and grid[0] * grid[1] == n:
+            return grid  # type: ignore[return-value]
+        g = math.isqrt(n)
+        if g * g != n:
+            raise ValueError(
+                "cannot infer the pretrained patch grid: positional_embedding has "
+                f"{n} patch rows, grid_size={grid}"
+            )
+        return (g, g)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """``(P_h, P_w)`` of the patch embedding."""
+        return tuple(int(p) for p in self.visual.conv1.kernel_size)  # type: ignore[return-value]
+
+    @property
+    def pretrained_grid(self) -> tuple[int, int]:
+        """Patch grid ``(gh0, gw0)`` of the stored positional embedding (``(14, 14)`` for ViT-B/16 @ 224)."""
+        return self._pretrained_grid
+
+    @property
+    def output_dim(self) -> int:
+        """Channels of the dense output (``proj`` columns; the width if the model has no ``proj``)."""
+        proj = self.visual.proj
+        return int(proj.shape[1]) if proj is not None else int(self.visual.conv1.out_channels)
+
+    @property
+    def width(self) -> int:
+        """Transformer width ``E``."""
+        return int(self.visual.conv1.out_channels)
+
+    @property
+    def num_heads(self) -> int:
+        """Heads of the last block's attention."""
+        return int(self.visual.transformer.resblocks[-1].attn.num_heads)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid ``(H // P_h, W // P_w)`` of an ``H x W`` image (conv floor semantics)."""
+        ph, pw = self.patch_size
+        return (int(height) // ph, int(width) // pw)
+
+    def interpolate_pos_embed(self, gh: int, gw: int) -> Tensor:
+        """Positional embedding for a ``gh x gw`` patch grid: ``[1, 1 + gh*gw, width]`` in the stored dtype.
+
+        If ``1 + gh*gw`` equals the stored token count the stored embedding is returned as is - also for
+        a non-square grid with exactly ``gh0*gw0`` patches (e.g. 7x28 at a 14x14 pretrained grid), whose
+        layout is then wrong: this reproduces the official quirk (spec section 1.4). Otherwise the patch
+        part is resampled exactly like the official code::
+
+            F.interpolate(pe[1:].reshape(1, gh0, gw0, E).permute(0, 3, 1, 2), mode="bicubic",
+                          scale_factor=((gh + 0.1) / gh0, (gw + 0.1) / gw0), align_corners=False,
+                          recompute_scale_factor=False)
+
+        (computed in float32), flattened row-major, and the CLS row is copied. The scale factor, not the
+        output size, drives the sampling grid, so this differs from size-based resampling (open_clip /
+        timm).
+        """
+        for name, value in (("gh", gh), ("gw", gw)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        pe = self.visual.positional_embedding
+        if 1 + gh * gw == pe.shape[0]:
+            return pe.unsqueeze(0)
+        gh0, gw0 = self.pretrained_grid
+        width = pe.shape[1]
+        patch = pe[1:].float().reshape(1, gh0, gw0, width).permute(0, 3, 1, 2)
+        patch = F.interpolate(
+            patch,
+            scale_factor=((gh + 0.1) / gh0, (gw + 0.1) / gw0),
+            mode="bicubic",
+            align_corners=False,
+            recompute_scale_factor=False,
+        )
+        if tuple(patch.shape[-2:]) != (gh, gw):  # cannot happen for floor(g0*(g+0.1)/g0) == g; guard anyway
+            raise RuntimeError(
+                f"positional-embedding interpolation gave {tuple(patch.shape[-2:])}, not {(gh, gw)}"
+            )
+        patch = patch.permute(0, 2, 3, 1).reshape(1, gh * gw, width).to(pe.dtype)
+        return torch.cat([pe[:1].unsqueeze(0), patch], dim=1)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor [B, 3, H, W]; got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W]; got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a normalised floating tensor; got dtype {images.dtype}")
+        if images.shape[0] < 1:
+            raise ValueError(f"images must hold at least one image; got shape {tuple(images.shape)}")
+        weight = self.visual.conv1.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {weight.device}")
+        ph, pw = self.patch_size
+        if images.shape[2] < ph or images.shape[3] < pw:
+            raise ValueError(
+                f"images of {images.shape[2]}x{images.shape[3]} pixels are smaller than one {ph}x{pw} patch"
+            )
+        return images.to(weight.dtype)
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        v = self.visual
+        x = v.conv1(self._check_images(images))  # [B, E, gh, gw]; conv floors any remainder
+        b, e, gh, gw = x.shape
+        x = x.reshape(b, e, gh * gw).permute(0, 2, 1)  # [B, N, E], row-major tokens
+        cls = v.class_embedding.to(x.dtype).view(1, 1, e).expand(b, 1, e)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + N, E]
+        x = x + self.interpolate_pos_embed(gh, gw).to(x.dtype)
+        # patch_dropout is skipped: it only acts in training mode, and never on dense inference.
+        return v.ln_pre(x), (gh, gw)
+
+    def _run_blocks(self, x: Tensor) -> Tensor:
+        transformer = self.visual.transformer
+        batch_first = getattr(transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)  # NLD -> LND, as open_clip's Transformer does for batch_first=False
+        for block in transformer.resblocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return x
+
+    def last_block_input(self, images: Tensor) -> Tensor:
+        """Output of blocks ``0 .. L-2`` (input of the modified last block): ``[B, 1 + gh*gw, width]``."""
+        x, _ = self._embed(images)
+        return self._run_blocks(x)
+
+    def forward_last_block(self, x: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        """The modified last block on batch-first tokens ``x`` ``[B, 1 + gh*gw, width]`` -> same shape.
+
+        ``reduced``: ``ls_1(out_proj(attn(ln_1(x))))``; ``vanilla``: ``x + ls_1(out_proj(attn(ln_1(x))))``
+        followed by ``+ ls_2(mlp(ln_2(.)))``. ``attn`` is the configured strategy; heads are split from
+        and merged back to channel ``h*d + j``. Only the K and V rows of ``in_proj`` are applied when the
+        strategy does not use Q.
+        """
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            raise ValueError(f"x must be a [B, T, width] tensor; got {getattr(x, 'shape', type(x).__name__)}")
+        gh, gw = (int(g) for g in grid_hw)
+        b, t, e = x.shape
+        if t != 1 + gh * gw:
+            raise ValueError(f"x has {t} tokens but grid_hw={(gh, gw)} needs 1 + {gh}*{gw} = {1 + gh * gw}")
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        h = int(attn.num_heads)
+        if e % h or e != attn.in_proj_weight.shape[1]:
+            raise ValueError(
+                f"x width {e} does not match the last block (in_proj {tuple(attn.in_proj_weight.shape)})"
+            )
+        d = e // h
+        strategy = get_strategy(self.strategy)
+
+        y = block.ln_1(x)
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        if strategy.needs_query:
+            qkv = F.linear(y, weight, bias)  # [B, T, 3E], channels q | k | v, head-major within each
+            q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D], strided views
+        else:
+            kv = F.linear(y, weight[e:], None if bias is None else bias[e:])  # Q rows skipped
+            k, v = kv.view(b, t, 2, h, d).permute(2, 0, 3, 1, 4)
+            q = None
+        out = strategy(q, k, v, (gh, gw), self.gaussian_std, self.backend)  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(b, t, e)  # merge heads: channel h*d + j
+        out = attn.out_proj(out)
+        ls_1 = getattr(block, "ls_1", None)
+        if ls_1 is not None:
+            out = ls_1(out)
+        if self.arch == "reduced":
+            return out
+        x = x + out
+        mlp_out = block.mlp(block.ln_2(x))
+        ls_2 = getattr(block, "ls_2", None)
+        if ls_2 is not None:
+            mlp_out = ls_2(mlp_out)
+        return x + mlp_out
+
+    def project(self, x: Tensor) -> Tensor:
+        """``ln_post(x) @ proj`` on every token: ``[B, T, width]`` -> ``[B, T, output_dim]``."""
+        x = self.visual.ln_post(x)
+        proj = self.visual.proj
+        return x @ proj if proj is not None else x
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Dense features ``[B, 1 + gh*gw, output_dim]`` (token 0 = CLS; not L2-normalised)."""
+        x, grid = self._embed(images)
+        x = self._run_blocks(x)
+        x = self.forward_last_block(x, grid)
+        return self.project(x)

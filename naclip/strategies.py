@@ -1,0 +1,262 @@
+"""Attention strategies for the modified last ViT block (NACLIP spec section 1.2).
+
+Every strategy maps per-head projections ``q, k, v`` of shape ``[B, H, T, D]`` (any strides; ``T = 1 + gh*gw``
+tokens, token 0 = CLS, patch token ``1 + r*gw + c`` at grid row ``r``, column ``c``) to the attention output
+``[B, H, T, D]`` (contiguous, input dtype). ``scale = D**-0.5`` throughout. ``G`` is the Gaussian addition
+``G[i, j] = exp(-((r_i-r_j)**2 + (c_i-c_j)**2) / (2*std**2))`` between patch tokens, ``0`` on the CLS row and
+column (not ``-inf``), added to the scaled logits. All computation goes through
+:func:`naclip_kernels.gaussian_attention`:
+
+=========  ==================================================================  ==============================
+name       attention matrix ``A`` (rows = queries)                             needs
+=========  ==================================================================  ==============================
+naclip     ``softmax(scale * K K^T + G)``                                      K, V, ``gaussian_std > 0``
+kk         ``softmax(scale * K K^T)``                                          K, V
+nonly      ``softmax(s * G)``, ``s = scale * mean_{h,i,j} |q_i| |k_j|``        Q, K, V, ``gaussian_std > 0``
+vanilla    ``softmax(scale * Q K^T)``                                          Q, K, V
+csa        ``softmax(scale * Q Q^T) + softmax(scale * K K^T)`` (SCLIP)         Q, K, V, ``arch='vanilla'``
+=========  ==================================================================  ==============================
+
+The output is ``A V`` per head. ``csa`` rows sum to 2 (not renormalised, as in the official code).
+
+``nonly``: the official code computes ONE scalar ``s`` over all heads, all ``T x T`` pairs (CLS included) *and
+all batch items*, and crashes for batch > 1 (``zeros((num_heads, T, T))`` broadcast against ``[B*H, T, d]`` in
+``bmm``). Here ``s`` is computed **per image** (over heads and pairs only), so a batch gives the same result
+as running its images one by one; for batch 1 this is exactly the official value.
+
+Registry: :data:`STRATEGIES` (name -> :class:`AttentionStrategy`), :func:`get_strategy`,
+:func:`validate_config`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import naclip_kernels
+
+__all__ = [
+    "ARCHS",
+    "STRATEGIES",
+    "AttentionStrategy",
+    "get_strategy",
+    "nonly_bias_multiplier",
+    "validate_config",
+]
+
+#: Last-block architectures (spec section 1.1): ``reduced`` (NACLIP) and ``vanilla`` (standard CLIP block).
+ARCHS: tuple[str, ...] = ("reduced", "vanilla")
+
+GridHW = tuple[int, int]
+
+
+def nonly_bias_multiplier(q: Tensor, k: Tensor) -> Tensor:
+    """Per-image scalar ``s_b = scale * mean_{h,i,j} |q_{b,h,i}| * |k_{b,h,j}|`` of the ``nonly`` strategy.
+
+    ``q, k``: ``[B, H, T, D]``; ``scale = D**-0.5``; norms over ``D``; the mean runs over heads and all ``T x
+    T`` token pairs including CLS. Returns a float32 tensor ``[B]``. Uses the identity ``mean_{i,j} a_i b_j =
+    mean_i a_i * mean_j b_j`` (no ``T x T`` matrix).
+    """
+    scale = q.shape[-1] ** -0.5
+    qn = torch.linalg.vector_norm(q.float(), dim=-1).mean(dim=-1)  # [B, H]
+    kn = torch.linalg.vector_norm(k.float(), dim=-1).mean(dim=-1)  # [B, H]
+    return (qn * kn).mean(dim=-1) * scale
+
+
+def _naclip(q, k, v, grid_hw, gaussian_std, backend):
+    return naclip_kernels.gaussian_attention(
+        k, k, v, grid_hw, gaussian_std, num_prefix_tokens=1, backend=backend
+    )
+
+
+def _kk(q, k, v, grid_hw, gaussian_std, backend):
+    return naclip_kernels.gaussian_attention(k, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
+
+
+def _vanilla(q, k, v, grid_hw, gaussian_std, backend):
+    return naclip_kernels.gaussian_attention(q, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
+
+
+def _csa(q, k, v, grid_hw, gaussian_std, backend):
+    # A_qq V + A_kk V == (A_qq + A_kk) V: the two rows-sum-to-1 attentions are added, not renormalised.
+    out_q = naclip_kernels.gaussian_attention(q, q, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
+    out_k = naclip_kernels.gaussian_attention(k, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
+    return out_q + out_k
+
+
+def _nonly(q, k, v, grid_hw, gaussian_std, backend):
+    # Logits are 0 * (K K^T) + s_b * G: the kernel's plain path with scale 0 and bias_scale s_b. bias_scale is
+    # a Python float in the kernel API, so each image is its own call (views, no copies).
+    s = nonly_bias_multiplier(q, k).tolist()
+    outs = [
+        naclip_kernels.gaussian_attention(
+            k[b : b + 1],
+            k[b : b + 1],
+            v[b : b + 1],
+            grid_hw,
+            gaussian_std,
+            scale=0.0,
+            num_prefix_tokens=1,
+            bias_scale=s_b,
+            backend=backend,
+        )
+        for b, s_b in enumerate(s)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _probs_naclip(q, k, grid_hw, gaussian_std):
+    return naclip_kernels.reference_attention_probs(k, k, grid_hw, gaussian_std, num_prefix_tokens=1)
+
+
+def _probs_kk(q, k, grid_hw, gaussian_std):
+    return naclip_kernels.reference_attention_probs(k, k, grid_hw, None, num_prefix_tokens=1)
+
+
+def _probs_vanilla(q, k, grid_hw, gaussian_std):
+    return naclip_kernels.reference_attention_probs(q, k, grid_hw, None, num_prefix_tokens=1)
+
+
+def _probs_csa(q, k, grid_hw, gaussian_std):
+    return naclip_kernels.reference_attention_probs(
+        q, q, grid_hw, None, num_prefix_tokens=1
+    ) + naclip_kernels.reference_attention_probs(k, k, grid_hw, None, num_prefix_tokens=1)
+
+
+def _probs_nonly(q, k, grid_hw, gaussian_std):
+    s = nonly_bias_multiplier(q, k).tolist()
+    return torch.cat(
+        [
+            naclip_kernels.reference_attention_probs(
+                k[b : b + 1],
+                k[b : b + 1],
+                grid_hw,
+                gaussian_std,
+                scale=0.0,
+                num_prefix_tokens=1,
+                bias_scale=s_b,
+            )
+            for b, s_b in enumerate(s)
+        ],
+        dim=0,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionStrategy:
+    """One entry of the registry.
+
+    ``strategy(q, k, v, grid_hw, gaussian_std, backend)`` -> ``[B, H, T, D]`` (see the module docstring for
+    the formula). ``q`` may be ``None`` when ``needs_query`` is false (the caller then skips the Q
+    projection). ``grid_hw = (gh, gw)`` with ``T == 1 + gh*gw``; ``gaussian_std`` is ignored when
+    ``uses_gaussian`` is false. ``backend`` is passed to :func:`naclip_kernels.gaussian_attention` (``None`` =
+    the global default). :meth:`probs` gives the float32 attention matrix ``[B, H, T, T]`` through the
+    kernels' dense reference (small ``T`` only; for fixtures and debugging).
+    """
+
+    name: str
+    needs_query: bool
+    uses_gaussian: bool
+    required_arch: str | None
+    _fn: Callable[..., Tensor]
+    _probs: Callable[..., Tensor]
+    description: str
+
+    def __call__(
+        self,
+        q: Tensor | None,
+        k: Tensor,
+        v: Tensor,
+        grid_hw: GridHW,
+        gaussian_std: float | None,
+        backend: str | None = None,
+    ) -> Tensor:
+        if self.needs_query and q is None:
+            raise ValueError(f"strategy {self.name!r} needs the query projection q; got q=None")
+        return self._fn(q, k, v, tuple(grid_hw), gaussian_std if self.uses_gaussian else None, backend)
+
+    def probs(self, q: Tensor | None, k: Tensor, grid_hw: GridHW, gaussian_std: float | None) -> Tensor:
+        if self.needs_query and q is None:
+            raise ValueError(f"strategy {self.name!r} needs the query projection q; got q=None")
+        return self._probs(q, k, tuple(grid_hw), gaussian_std if self.uses_gaussian else None)
+
+
+#: name -> strategy, in the order of the spec's table.
+STRATEGIES: dict[str, AttentionStrategy] = {
+    s.name: s
+    for s in (
+        AttentionStrategy(
+            "naclip", False, True, None, _naclip, _probs_naclip, "softmax(scale*K K^T + G) V (NACLIP)"
+        ),
+        AttentionStrategy(
+            "nonly",
+            True,
+            True,
+            None,
+            _nonly,
+            _probs_nonly,
+            "softmax(s*G) V, s per image (neighbourhood only)",
+        ),
+        AttentionStrategy("kk", False, False, None, _kk, _probs_kk, "softmax(scale*K K^T) V (key-key only)"),
+        AttentionStrategy(
+            "vanilla", True, False, None, _vanilla, _probs_vanilla, "softmax(scale*Q K^T) V (plain CLIP)"
+        ),
+        AttentionStrategy(
+            "csa",
+            True,
+            False,
+            "vanilla",
+            _csa,
+            _probs_csa,
+            "(softmax(scale*Q Q^T) + softmax(scale*K K^T)) V (SCLIP; arch='vanilla' only)",
+        ),
+    )
+}
+
+
+def get_strategy(name: str) -> AttentionStrategy:
+    """The registered strategy ``name`` (one of :data:`STRATEGIES`); ``ValueError`` listing them otherwise."""
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}; got {name!r}")
+    return STRATEGIES[name]
+
+
+def validate_config(arch: str, strategy: str, gaussian_std: float | None) -> float | None:
+    """Check an ``(arch, strategy, gaussian_std)`` combination like the official ``set_params``.
+
+    ``arch`` in :data:`ARCHS`; ``strategy`` in :data:`STRATEGIES`; ``csa`` only with ``arch="vanilla"``;
+    ``gaussian_std`` a finite number ``> 0`` for the Gaussian strategies (``naclip``, ``nonly``), ignored (may
+    be anything, including ``None``) for the others. Returns ``gaussian_std`` as a float (or ``None`` when
+    unused and not a number). Raises ``ValueError`` / ``TypeError`` naming the argument, the expected and the
+    actual value.
+    """
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"arch must be one of {list(ARCHS)}; got {arch!r}")
+    strat = get_strategy(strategy)
+    if strat.required_arch is not None and arch != strat.required_arch:
+        raise ValueError(
+            f"strategy {strategy!r} requires arch={strat.required_arch!r} (as in the official code); "
+            f"got arch={arch!r}"
+        )
+    if not strat.uses_gaussian:
+        if gaussian_std is None or isinstance(gaussian_std, bool):
+            return None
+        try:
+            return float(gaussian_std)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(gaussian_std, bool) or not isinstance(gaussian_std, numbers.Real):
+        raise TypeError(
+            f"gaussian_std must be a positive number for strategy {strategy!r}; "
+            f"got {type(gaussian_std).__name__} {gaussian_std!r}"
+        )
+    std = float(gaussian_std)
+    if not (std > 0.0) or std == float("inf"):
+        raise ValueError(
+            f"gaussian_std must be a finite number > 0 for strategy {strategy!r}; got {gaussian_std!r}"
+        )
+    return std

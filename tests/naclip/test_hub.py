@@ -1,0 +1,225 @@
+"""load_clip: offline error, local checkpoints (open_clip / wrapped / safetensors / TorchScript), names."""
+
+from __future__ import annotations
+
+import time
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU
+
+from naclip import hub
+from naclip.hub import CHECKPOINT_ENV, WeightsUnavailableError, load_clip
+
+# Tiny plain-ViT CLIP configs registered for these tests only (random init in milliseconds, not seconds).
+SMALL = "naclip-test-ViT-t-16"
+SMALL_P32 = "naclip-test-ViT-t-32"
+
+
+def _tiny_cfg(patch):
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": patch},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_configs():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(open_clip.factory._MODEL_CONFIGS, SMALL, _tiny_cfg(16))
+        mp.setitem(open_clip.factory._MODEL_CONFIGS, SMALL_P32, _tiny_cfg(32))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Random init of small models: intra-op threading only adds overhead on a shared CPU box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    return tmp_path / "empty-cache"
+
+
+@pytest.fixture(scope="module")
+def small_state(tiny_configs, tmp_path_factory):
+    torch.manual_seed(0)
+    model = open_clip.create_model(SMALL, pretrained=None)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    torch.save(sd, path)
+    return sd, path
+
+
+def _assert_same_weights(model, sd):
+    got = model.state_dict()
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize(
+    ("model", "tag"), [("ViT-B-16", "openai"), ("ViT-B-32", "laion2b_s34b_b79k")], ids=["openai", "laion"]
+)
+def test_offline_error_is_clear_and_fast(offline, model, tag):
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_clip(model, tag, device="cpu", cache_dir=offline)
+    elapsed = time.perf_counter() - start
+    err = info.value
+    msg = str(err)
+    assert isinstance(err, RuntimeError)
+    assert elapsed < 5.0, f"offline failure took {elapsed:.1f}s"
+    for needle in (model, tag, str(offline), "--checkpoint", CHECKPOINT_ENV, "HF_HUB_OFFLINE"):
+        assert needle in msg, f"{needle!r} missing from: {msg}"
+    assert err.__cause__ is None and err.__suppress_context__  # no deep huggingface_hub traceback
+    assert (err.model, err.pretrained) == (model, tag) and str(offline) in err.cache_dirs
+
+
+def test_offline_default_cache_named(offline, monkeypatch):
+    from huggingface_hub import constants
+
+    with pytest.raises(WeightsUnavailableError, match="openai") as info:
+        load_clip(device="cpu")
+    assert str(constants.HF_HUB_CACHE) in str(info.value)
+
+
+def test_random_init_needs_no_download(offline, monkeypatch):
+    monkeypatch.setenv(CHECKPOINT_ENV, "/nonexistent/ignored-for-random-init.pt")
+    model, tokenizer = load_clip(SMALL, None, device="cpu")
+    assert not model.training
+    assert isinstance(model.visual, open_clip.transformer.VisionTransformer)
+    assert tokenizer(["a photo of a cat"]).shape == (1, 77)
+
+
+def test_checkpoint_round_trip(offline, small_state):
+    sd, path = small_state
+    model, _ = load_clip(SMALL, None, device="cpu", checkpoint=path)
+    # pretrained=None + explicit checkpoint: the checkpoint wins (None only disables the env var / download).
+    _assert_same_weights(model, sd)
+
+
+def test_checkpoint_from_env_and_pretrained_path(offline, monkeypatch, small_state):
+    sd, path = small_state
+    monkeypatch.setenv(CHECKPOINT_ENV, str(path))
+    model, _ = load_clip(SMALL, "openai", device="cpu")  # env var beats the (unavailable) tag
+    _assert_same_weights(model, sd)
+    monkeypatch.delenv(CHECKPOINT_ENV)
+    model, _ = load_clip(SMALL, str(path), device="cpu")  # open_clip-style pretrained=<file>
+    _assert_same_weights(model, sd)
+
+
+def test_checkpoint_wrapped_and_safetensors(offline, tmp_path, small_state):
+    from safetensors.torch import save_file
+
+    sd, _ = small_state
+    wrapped = tmp_path / "train.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, wrapped)
+    _assert_same_weights(load_clip(SMALL, None, device="cpu", checkpoint=wrapped)[0], sd)
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    _assert_same_weights(load_clip(SMALL, None, device="cpu", checkpoint=st)[0], sd)
+
+
+def test_checkpoint_dtype(offline, small_state):
+    _, path = small_state
+    model, _ = load_clip(SMALL, None, device="cpu", dtype="bf16", checkpoint=path)
+    assert model.visual.conv1.weight.dtype == torch.bfloat16
+
+
+def test_quick_gelu_follows_tag(offline, small_state, monkeypatch):
+    # OpenAI / MetaCLIP weights need QuickGELU: open_clip's tag entry says so ('openai' for ViT-B-16 does).
+    assert open_clip.get_pretrained_cfg("ViT-B-16", "openai")["quick_gelu"] is True
+    sd, path = small_state
+    real = open_clip.get_pretrained_cfg
+
+    def fake_cfg(model, tag):
+        return (
+            {"hf_hub": "nobody/none/", "quick_gelu": True}
+            if (model, tag) == (SMALL, "qg-tag")
+            else real(model, tag)
+        )
+
+    monkeypatch.setattr(hub.open_clip, "get_pretrained_cfg", fake_cfg)
+    model, _ = load_clip(SMALL, "qg-tag", device="cpu", checkpoint=path)  # local file loaded "as" that tag
+    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    _assert_same_weights(model, sd)
+    # Without a QuickGELU tag the model config decides (plain GELU here).
+    model, _ = load_clip(SMALL, None, device="cpu", checkpoint=path)
+    assert not isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    with pytest.raises(WeightsUnavailableError, match="nobody/none"):
+        load_clip(SMALL, "qg-tag", device="cpu")
+
+
+def test_checkpoint_mismatch_names_the_architecture(offline, small_state):
+    _, path = small_state
+    with pytest.raises(ValueError, match=r"patch 16, width 64, 2 layers") as info:
+        load_clip(SMALL_P32, None, device="cpu", checkpoint=path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_and_unreadable_checkpoint(offline, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nope.pt.*checkpoint argument"):
+        load_clip(SMALL, None, device="cpu", checkpoint=tmp_path / "nope.pt")
+    monkeypatch.setenv(CHECKPOINT_ENV, str(tmp_path / "env.pt"))
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_ENV):
+        load_clip(SMALL, "openai", device="cpu")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        load_clip(SMALL, None, device="cpu", checkpoint=junk)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_state_dict_read(tmp_path):
+    # OpenAI releases are TorchScript archives whose state dict carries extra scalar entries.
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.ones(2, 2))
+            self.register_buffer("input_resolution", torch.tensor(224))
+
+        def forward(self, x):
+            return x @ self.proj
+
+    path = tmp_path / "ViT-X.pt"
+    torch.jit.script(Tiny()).save(str(path))
+    sd, is_jit = hub._read_state_dict(path)
+    assert is_jit and set(sd) == {"proj"}
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ("ViT-B-17", r"not an open_clip model name.*ViT-B-16"),
+        ("RN50", "ModifiedResNet"),
+        ("coca_ViT-B-32", "CoCa"),
+        ("ViT-B-16-SigLIP", "timm"),
+    ],
+    ids=["unknown", "resnet", "coca", "timm"],
+)
+def test_rejected_models(offline, model, match):
+    with pytest.raises(ValueError, match=match):
+        load_clip(model, None, device="cpu")
+
+
+def test_unknown_tag_lists_tags(offline):
+    with pytest.raises(ValueError, match=r"pretrained='nope'.*openai"):
+        load_clip("ViT-B-16", "nope", device="cpu")
+
+
+def test_openai_spelling_and_bad_args(offline):
+    assert hub._resolve_model_name("ViT-B/16") == "ViT-B-16"  # OpenAI spelling
+    assert hub._resolve_model_name("vit-l-14") == "ViT-L-14"
+    with pytest.raises(ValueError, match="dtype"):
+        load_clip(SMALL, None, device="cpu", dtype="fp8")
+    with pytest.raises(TypeError, match="model"):
+        load_clip(16, None)

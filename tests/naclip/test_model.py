@@ -1,0 +1,472 @@
+"""NaclipVisual against the official golden fixtures and open_clip's own forward.
+
+Every ``dense_forward`` case (31) and the ``pos_embed`` case of ``../shared/reference/fixtures`` are
+replayed at fp32 ``atol = rtol = 1e-4`` on the ``torch`` and ``reference`` kernel backends, a few on
+``triton`` (interpreter on CPU). The tiny ViT is built from the manifest's model block.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU, Transformer, VisionTransformer
+
+import naclip.strategies as strategies_mod
+from naclip.model import NaclipVisual
+from naclip.testing import build_visual_from_manifest
+
+ATOL = RTOL = 1e-4  # fp32 fixture tolerance (manifest "recommended")
+
+_FIXTURES = Path(
+    os.environ.get(
+        "NACLIP_FIXTURES_DIR",
+        Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "fixtures",
+    )
+)
+
+
+def _case_ids(kind: str) -> list[str]:
+    """Case ids of one kind, read at collection time for readable ids (conftest fails without fixtures)."""
+    try:
+        manifest = json.loads((_FIXTURES / "manifest.json").read_text())
+    except OSError:
+        return []
+    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
+
+
+DENSE_IDS = _case_ids("dense_forward")
+TRITON_DENSE_IDS = [
+    "dense/img_224x320_b1/reduced/naclip/std5",
+    "dense/img_320x224_b1/reduced/nonly/std5",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny matmuls: intra-op threading only adds overhead (and stalls badly on a shared CPU box).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _triton_ready() -> str | None:
+    """None when the Triton backend can run here, else the reason to skip."""
+    try:
+        import naclip_kernels
+        import naclip_kernels.triton_backend  # noqa: F401
+    except Exception as exc:  # ImportError, or triton failing to initialise
+        return f"naclip_kernels.triton_backend not importable: {type(exc).__name__}: {exc}"
+    if "triton" not in naclip_kernels.available_backends():
+        return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cases(manifest):
+    return {c["id"]: c for c in manifest["cases"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_visual(manifest, fixture_tensors):
+    return build_visual_from_manifest(manifest["model"], fixture_tensors["weights.safetensors"])
+
+
+@pytest.fixture(scope="module")
+def normalise(manifest):
+    conv = manifest["conventions"]["image_normalisation"]
+    mean = torch.tensor(conv["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(conv["std"], dtype=torch.float32).view(3, 1, 1)
+    return lambda u8: (u8.float() - mean) / std
+
+
+def _tensor(fixture_tensors, case, ref):
+    key, _, suffix = ref.partition(" ")
+    t = fixture_tensors[case["file"]][key]
+    return t[: case["batch"]] if suffix else t
+
+
+def _image(fixture_tensors, case, normalise):
+    return normalise(_tensor(fixture_tensors, case, case["inputs"]["image"])[: case["batch"]])
+
+
+def _replay_dense(visual, case, fixture_tensors, normalise, backend):
+    model = NaclipVisual(
+        visual,
+        arch=case["arch"],
+        strategy=case["attn_strategy"],
+        gaussian_std=case["gaussian_std"] if case["gaussian_std"] is not None else 5.0,
+        backend=backend,
+    )
+    images = _image(fixture_tensors, case, normalise)
+    outputs = case["outputs"]
+    diffs = {}
+    with torch.no_grad():
+        dense = model(images)
+        expected = fixture_tensors[case["file"]][outputs["dense"]]
+        assert dense.shape == expected.shape
+        assert dense.dtype == torch.float32
+        torch.testing.assert_close(dense, expected, atol=ATOL, rtol=RTOL)
+        diffs["dense"] = (dense - expected).abs().max().item()
+        if "last_block_in" in outputs:
+            lbi = model.last_block_input(images)
+            exp_lbi = _tensor(fixture_tensors, case, outputs["last_block_in"])
+            torch.testing.assert_close(lbi, exp_lbi, atol=ATOL, rtol=RTOL)
+            diffs["last_block_in"] = (lbi - exp_lbi).abs().max().item()
+            if "pre_ln_post" in outputs:
+                # The last block alone, fed the official last_block_in.
+                pre = model.forward_last_block(exp_lbi, tuple(case["grid_hw"]))
+                exp_pre = fixture_tensors[case["file"]][outputs["pre_ln_post"]]
+                torch.testing.assert_close(pre, exp_pre, atol=ATOL, rtol=RTOL)
+                diffs["pre_ln_post"] = (pre - exp_pre).abs().max().item()
+    return diffs
+
+
+def _dense_params(ids, backends, marks=()):
+    return [
+        pytest.param(cid, b, id=f"{b}:{cid.removeprefix('dense/')}", marks=list(marks))
+        for b in backends
+        for cid in ids
+    ]
+
+
+def test_all_dense_cases_collected():
+    assert len(DENSE_IDS) == 31, "the fixture manifest should hold 31 dense_forward cases"
+
+
+@pytest.mark.parametrize(("case_id", "backend"), _dense_params(DENSE_IDS, ("torch", "reference")))
+def test_dense_forward_matches_official(case_id, backend, cases, tiny_visual, fixture_tensors, normalise):
+    diffs = _replay_dense(tiny_visual, cases[case_id], fixture_tensors, normalise, backend)
+    assert diffs["dense"] < ATOL
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("case_id", "backend"), _dense_params(TRITON_DENSE_IDS, ("triton",)))
+def test_dense_forward_matches_official_triton(
+    case_id, backend, cases, tiny_visual, fixture_tensors, normalise
+):
+    reason = _triton_ready()
+    if reason:
+        pytest.skip(reason)
+    diffs = _replay_dense(tiny_visual, cases[case_id], fixture_tensors, normalise, backend)
+    assert diffs["dense"] < ATOL
+
+
+def test_pos_embed_matches_official(manifest, tiny_visual, fixture_tensors):
+    (case,) = [c for c in manifest["cases"] if c["kind"] == "pos_embed"]
+    gh, gw = case["grid_hw"]
+    got = NaclipVisual(tiny_visual).interpolate_pos_embed(gh, gw)
+    expected = fixture_tensors[case["file"]][case["outputs"]["pos_embed"]]
+    assert got.shape == expected.shape == (1, 1 + gh * gw, manifest["model"]["width"])
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_pos_embed_scale_factor_rule_differs_from_size_resampling(tiny_visual):
+    # The official (g + 0.1) / g scale-factor rule is not size-based resampling; guard against a "cleanup".
+    model = NaclipVisual(tiny_visual)
+    got = model.interpolate_pos_embed(14, 20)[0, 1:]
+    pe = tiny_visual.positional_embedding[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    by_size = torch.nn.functional.interpolate(pe, size=(14, 20), mode="bicubic", align_corners=False)
+    assert (got - by_size.permute(0, 2, 3, 1).reshape(14 * 20, -1)).abs().max() > 1e-3
+
+
+def test_pos_embed_native_grid_is_stored(tiny_visual):
+    model = NaclipVisual(tiny_visual)
+    assert model.pretrained_grid == (14, 14)
+    assert torch.equal(model.interpolate_pos_embed(14, 14)[0], tiny_visual.positional_embedding)
+
+
+def test_pos_embed_quirk_nonsquare_with_pretrained_token_count(tiny_visual):
+    # 112 x 448 at P=16 -> 7 x 28 = 196 patches = the pretrained count: the official code uses the 14x14
+    # table as is.
+    model = NaclipVisual(tiny_visual)
+    assert torch.equal(model.interpolate_pos_embed(7, 28)[0], tiny_visual.positional_embedding)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 112, 448))
+    assert out.shape == (1, 1 + 7 * 28, 32)
+
+
+@pytest.mark.parametrize(("gh", "gw"), [(1, 1), (5, 7), (14, 15), (31, 23), (3, 40)], ids=lambda g: str(g))
+def test_pos_embed_interpolated_shapes(tiny_visual, gh, gw):
+    out = NaclipVisual(tiny_visual).interpolate_pos_embed(gh, gw)
+    assert out.shape == (1, 1 + gh * gw, 128)
+    assert torch.equal(out[0, 0], tiny_visual.positional_embedding[0])  # CLS row copied
+
+
+def test_size_not_multiple_of_patch_follows_conv_floor(tiny_visual):
+    # 237 x 333 -> grid 14 x 20: identical to the top-left 224 x 320 crop (conv1 drops the remainder).
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 237, 333)
+    model = NaclipVisual(tiny_visual, backend="torch")
+    with torch.no_grad():
+        full = model(images)
+        crop = model(images[:, :, :224, :320].contiguous())
+    assert full.shape == (1, 1 + 14 * 20, 32)
+    torch.testing.assert_close(full, crop, atol=1e-6, rtol=1e-6)
+
+
+def test_vanilla_vanilla_equals_open_clip_forward(tiny_visual):
+    # arch=vanilla, strategy=vanilla is plain CLIP: compare with open_clip's own tower (tokens, pooled CLS).
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224)
+    model = NaclipVisual(tiny_visual, arch="vanilla", strategy="vanilla", backend="torch")
+    with torch.no_grad():
+        dense = model(images)
+        inter = tiny_visual.forward_intermediates(
+            images, indices=[2], normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True
+        )
+        pooled = tiny_visual(images)
+    tokens = inter["image_intermediates"][0] @ tiny_visual.proj
+    torch.testing.assert_close(dense[:, 1:], tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense[:, 0], pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_nonly_batch_equals_per_image(tiny_visual):
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, 160, 208)  # grid 10 x 13, odd N
+    model = NaclipVisual(tiny_visual, strategy="nonly", gaussian_std=2.0, backend="torch")
+    with torch.no_grad():
+        batch = model(images)
+        single = torch.cat([model(images[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["naclip", "kk", "vanilla"])
+def test_batch_equals_per_image(tiny_visual, strategy):
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 96, 144)
+    model = NaclipVisual(tiny_visual, strategy=strategy, backend="torch")
+    with torch.no_grad():
+        batch = model(images)
+        single = torch.cat([model(images[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+
+
+def test_set_params_takes_effect_without_stale_state(tiny_visual):
+    torch.manual_seed(4)
+    images = torch.randn(1, 3, 224, 224)
+    model = NaclipVisual(tiny_visual, gaussian_std=5.0, backend="torch")
+    with torch.no_grad():
+        out5 = model(images)
+        model.set_params(gaussian_std=1.5)
+        out15 = model(images)
+        fresh15 = NaclipVisual(tiny_visual, gaussian_std=1.5, backend="torch")(images)
+        model.set_params(arch="vanilla", strategy="csa")
+        out_csa = model(images)
+    assert (out5 - out15).abs().max() > 1e-3
+    torch.testing.assert_close(out15, fresh15, atol=0, rtol=0)
+    assert (out_csa - out15).abs().max() > 1e-3
+    assert (model.arch, model.strategy, model.gaussian_std) == ("vanilla", "csa", 1.5)
+
+
+def test_set_params_invalid_changes_nothing(tiny_visual):
+    model = NaclipVisual(tiny_visual)
+    with pytest.raises(ValueError, match="csa.*vanilla"):
+        model.set_params(strategy="csa")
+    with pytest.raises(ValueError, match="gaussian_std"):
+        model.set_params(gaussian_std=0.0)
+    assert (model.arch, model.strategy, model.gaussian_std) == ("reduced", "naclip", 5.0)
+
+
+def test_query_rows_skipped_for_key_strategies(tiny_visual):
+    # Poisoning the Q rows of in_proj must not change naclip/kk (they never compute Q) but must break vanilla.
+    visual = copy.deepcopy(tiny_visual)
+    torch.manual_seed(5)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        clean = {
+            s: NaclipVisual(visual, strategy=s, backend="torch")(images) for s in ("naclip", "kk", "vanilla")
+        }
+        attn = visual.transformer.resblocks[-1].attn
+        attn.in_proj_weight[: attn.embed_dim] = float("nan")
+        poisoned = {s: NaclipVisual(visual, strategy=s, backend="torch")(images) for s in clean}
+    torch.testing.assert_close(poisoned["naclip"], clean["naclip"], atol=0, rtol=0)
+    torch.testing.assert_close(poisoned["kk"], clean["kk"], atol=0, rtol=0)
+    assert torch.isnan(poisoned["vanilla"]).any()
+
+
+def test_kernel_receives_strided_views(tiny_visual, monkeypatch):
+    seen = []
+    original = strategies_mod.naclip_kernels.gaussian_attention
+
+    def spy(q, k, v, grid_hw, sigma, **kw):
+        seen.append((q, k, v, grid_hw, sigma, kw))
+        return original(q, k, v, grid_hw, sigma, **kw)
+
+    monkeypatch.setattr(strategies_mod.naclip_kernels, "gaussian_attention", spy)
+    model = NaclipVisual(tiny_visual, backend="torch")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 320))
+    ((q, k, v, grid_hw, sigma, kw),) = seen
+    assert q is k  # key-key attention
+    assert k.shape == v.shape == (1, 2, 1 + 14 * 20, 64)
+    assert not k.is_contiguous() and not v.is_contiguous()  # [B, T, H, D] memory seen as [B, H, T, D]
+    assert (
+        k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    )  # both views of one K|V projection
+    assert grid_hw == (14, 20) and sigma == 5.0
+    assert kw["num_prefix_tokens"] == 1 and kw["backend"] == "torch"
+
+
+def test_transformer_batch_first_false(tiny_visual, manifest, fixture_tensors, cases, normalise):
+    # A tower whose blocks run in LND layout (nn.MultiheadAttention(batch_first=False)) gives the same result.
+    visual = copy.deepcopy(tiny_visual)
+    cfg = manifest["model"]
+    lnd = Transformer(cfg["width"], cfg["layers"], cfg["heads"], act_layer=QuickGELU, batch_first=False)
+    lnd.load_state_dict(visual.transformer.state_dict())
+    visual.transformer = lnd.eval()
+    _replay_dense(
+        visual, cases["dense/img_224x320_b1/reduced/naclip/std5"], fixture_tensors, normalise, "torch"
+    )
+    _replay_dense(visual, cases["dense/img_224x224_b2/vanilla/csa"], fixture_tensors, normalise, "torch")
+
+
+def _custom_block_visual(manifest, fixture_tensors, **kw):
+    cfg = manifest["model"]
+    visual = VisionTransformer(
+        image_size=cfg["input_resolution"],
+        patch_size=cfg["patch_size"],
+        width=cfg["width"],
+        layers=cfg["layers"],
+        heads=cfg["heads"],
+        mlp_ratio=4.0,
+        output_dim=cfg["output_dim"],
+        act_layer=QuickGELU,
+        block_type="custom",
+        **kw,
+    )
+    sd = {k.removeprefix("visual."): v for k, v in fixture_tensors["weights.safetensors"].items()}
+    missing, unexpected = visual.load_state_dict(sd, strict=False)
+    return visual.eval(), missing, unexpected
+
+
+def test_open_clip_attention_class_block(manifest, fixture_tensors, cases, normalise):
+    # open_clip's own Attention (CustomResidualAttentionBlock) exposes the same parameter names.
+    visual, missing, unexpected = _custom_block_visual(manifest, fixture_tensors)
+    assert not missing and not unexpected
+    for cid in ("dense/img_224x320_b1/reduced/naclip/std5", "dense/img_224x224_b2/vanilla/vanilla"):
+        _replay_dense(visual, cases[cid], fixture_tensors, normalise, "torch")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"qk_norm": True}, "qk_norm"),
+        ({"scale_attn": True}, "ln_attn"),
+        ({"scale_heads": True}, "scale_heads"),
+    ],
+    ids=["qk_norm", "scale_attn", "scale_heads"],
+)
+def test_unsupported_last_block_rejected(manifest, fixture_tensors, kw, match):
+    visual, _, _ = _custom_block_visual(manifest, fixture_tensors, **kw)
+    with pytest.raises(ValueError, match=match):
+        NaclipVisual(visual)
+
+
+def test_layerscale_vanilla_matches_open_clip():
+    torch.manual_seed(6)
+    visual = VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        width=64,
+        layers=2,
+        heads=4,
+        mlp_ratio=2.0,
+        ls_init_value=0.5,
+        output_dim=16,
+    ).eval()
+    images = torch.randn(2, 3, 64, 64)
+    model = NaclipVisual(visual, arch="vanilla", strategy="vanilla", backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)[:, 0], visual(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mixed", "atol"),
+    [
+        pytest.param(torch.float16, False, 2e-2, id="fp16"),
+        pytest.param(torch.bfloat16, False, 1e-1, id="bf16"),
+        pytest.param(torch.float16, True, 2e-2, id="fp16-openclip-mixed"),
+    ],
+)
+def test_low_precision_weights(tiny_visual, dtype, mixed, atol):
+    # Whole tower in fp16/bf16 (pure, or open_clip's mixed precision: linear/conv low, the rest fp32);
+    # fp32 images are cast to the weights' dtype and the output keeps it.
+    torch.manual_seed(8)
+    images = torch.randn(1, 3, 224, 320)
+    low = copy.deepcopy(tiny_visual)
+    if mixed:
+        open_clip.convert_weights_to_lp(low, dtype=dtype)
+    else:
+        low = low.to(dtype)
+    with torch.no_grad():
+        ref = NaclipVisual(tiny_visual, backend="torch")(images)
+        out = NaclipVisual(low, backend="torch")(images)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_errors(tiny_visual):
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        NaclipVisual(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="strategy"):
+        NaclipVisual(tiny_visual, strategy="gav")
+    with pytest.raises(ValueError, match="arch"):
+        NaclipVisual(tiny_visual, arch="reduced_no_ffn")
+    with pytest.raises(ValueError, match="csa"):
+        NaclipVisual(tiny_visual, arch="reduced", strategy="csa")
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gaussian_std"):
+            NaclipVisual(tiny_visual, strategy="nonly", gaussian_std=bad)
+    with pytest.raises(TypeError, match="gaussian_std"):
+        NaclipVisual(tiny_visual, gaussian_std="5")
+    NaclipVisual(
+        tiny_visual, strategy="kk", gaussian_std=0
+    )  # std is irrelevant for kk, as in the official code
+    with pytest.raises(TypeError, match="backend"):
+        NaclipVisual(tiny_visual, backend=3)
+    model = NaclipVisual(tiny_visual)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(3, 224, 224))
+    with pytest.raises(TypeError, match="floating"):
+        model(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+        model(torch.randn(1, 3, 15, 224))
+    with pytest.raises(ValueError, match="tokens"):
+        model.forward_last_block(torch.randn(1, 197, 128), (14, 15))
+    with pytest.raises(ValueError, match="gh"):
+        model.interpolate_pos_embed(0, 3)
+
+
+def test_properties(tiny_visual):
+    model = NaclipVisual(tiny_visual)
+    assert model.patch_size == (16, 16)
+    assert model.pretrained_grid == (14, 14)
+    assert model.output_dim == 32 and model.width == 128 and model.num_heads == 2
+    assert model.grid_for(375, 500) == (23, 31)
+    assert "naclip" in repr(model)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_visual.parameters())
+    assert model.visual is tiny_visual  # wraps, does not copy
+
+
+@pytest.mark.slow
+def test_random_open_clip_vit_b16_nonsquare():
+    # A real-size open_clip ViT-B-16 (random init, no download) on a 500 x 375 (W x H) image.
+    torch.manual_seed(7)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    model = NaclipVisual(clip.visual, backend="torch")
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 375, 500))
+    assert out.shape == (1, 1 + 23 * 31, 512)
+    assert torch.isfinite(out).all()
+    # vanilla/vanilla at the native size equals open_clip's encode_image (CLS) path.
+    model.set_params(arch="vanilla", strategy="vanilla")
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)[:, 0], clip.encode_image(images), atol=1e-4, rtol=1e-4)
