@@ -1,0 +1,25 @@
+"""naclip: training-free open-vocabulary semantic segmentation (NACLIP) on open_clip ViTs.
+
+Quick start::
+
+    import naclip
+    seg = naclip.Segmenter.from_pretrained("ViT-B-16", "openai")
+    res = seg.predict("photo.jpg", "sky, cloud; tree; person")   # or preset="voc21"
+    res.labels, res.probs, res.class_names                          # [H, W], [C, H, W], C names
+    res.save_mask("mask.png"); res.save_overlay("overlay.png")
+"""
+
+from naclip.io import load_image
+from naclip.presets import PRESET_NAMES, PRESETS, Preset, get_preset
+from naclip.segmenter import SegmentationResult, SegmentConfig, Segmenter
+
+__all__ = [
+    "Segmenter",
+    "SegmentationResult",
+    "SegmentConfig",
+    "Preset",
+    "PRESETS",
+    "PRESET_NAMES",
+    "get_preset",
+    "load_image",
+]

@@ -1,0 +1,375 @@
+"""Image preprocessing, dense logits, whole / sliding-window / single-pass inference and post-processing.
+
+Reproduces the official NACLIP pipeline (spec §2.2-§2.5):
+
+* **Preprocessing** (:func:`rescale_size`, :func:`preprocess`): mmcv ``imrescale`` with ``scale=(long_side,
+  short_side)``: factor ``f = min(long_side / max(h, w), short_side / min(h, w))``, new size
+  ``(int(h·f + 0.5), int(w·f + 0.5))``. The official code resizes the uint8 image with OpenCV's bilinear
+  filter; here the uint8 image is converted to float32 (values 0-255) and resized with
+  ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` (the same half-pixel sampling as
+  cv2's ``INTER_LINEAR``), then rounded and clamped to 0..255 like cv2's uint8 output. cv2 computes the
+  interpolation in 11-bit fixed point, so individual pixels can differ by one grey level; no resize happens
+  when the size is unchanged. Then RGB, ``(x - mean) / std`` with CLIP's mean/std on the 0-255 scale
+  (:data:`CLIP_MEAN`, :data:`CLIP_STD`).
+* **Dense logits** (:func:`dense_logits`): ``visual(x)[:, 1:]`` (the CLS token 0 is dropped) -> divide every
+  patch feature by its L2 norm -> ``@ text.T`` (cosine similarities, no scale) -> ``[B, Q, gh, gw]`` (patch
+  ``1 + r·gw + c`` at row ``r``, column ``c``) -> bilinear (``align_corners=False``) to the input size
+  ``(h, w)``. When ``h`` or ``w`` is not a multiple of the patch the ``gh x gw`` map is stretched over the
+  full input, like the official code.
+* **Modes** (:func:`infer_logits`): ``whole`` and ``single`` run the whole (resized) image through the model
+  once (``single`` is the same computation, named for high-resolution single-pass use); ``slide`` runs crops
+  of ``crop x crop`` at ``stride`` (spec §2.4 window placement, :func:`slide_windows`) and averages the window
+  logits (fp32 accumulator). All crops of an image are batched through the model, grouped by crop shape (edge
+  crops of a small image can differ) and split into chunks whose estimated activation memory fits
+  ``memory_budget``.
+* **Post-processing** (:func:`postprocess`), spec §2.5: bilinear resize of the logits to ``ori_shape``; PAMR
+  guided by the normalised image resized to ``ori_shape`` (a ``RuntimeError`` such as an OOM skips PAMR with a
+  warning); ``softmax(logit_scale · logits)`` over queries; per class the **max** over its queries (synonyms);
+  argmax; pixels whose max class probability is ``< prob_thd`` get class 0; probabilities renormalised to sum
+  1 over classes. Post-processing runs in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from naclip.pamr import pamr as _pamr
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "LOGIT_SCALE",
+    "MODES",
+    "Window",
+    "rescale_size",
+    "to_tensor_image",
+    "preprocess",
+    "normalize",
+    "slide_windows",
+    "dense_logits",
+    "whole_logits",
+    "slide_logits",
+    "infer_logits",
+    "crops_per_chunk",
+    "postprocess",
+]
+
+#: CLIP mean / std on the 0-255 scale (RGB), as in mmseg's ``SegDataPreProcessor`` of the official configs.
+CLIP_MEAN = (122.771, 116.746, 104.094)
+CLIP_STD = (68.501, 66.632, 70.323)
+#: NACLIP's softmax temperature (``softmax(40 · cos)``), not CLIP's 100.
+LOGIT_SCALE = 40.0
+MODES = ("whole", "slide", "single")
+
+#: Vision model interface: ``visual(x[B, 3, h, w]) -> [B, 1 + gh·gw, D]``, with a ``patch_size`` attribute.
+VisualFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One sliding window: rows ``y1:y2``, columns ``x1:x2`` of the (resized) image."""
+
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.y2 - self.y1, self.x2 - self.x1)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048) -> tuple[int, int]:
+    """mmcv ``imrescale`` target size for ``scale=(long_side, short_side)``.
+
+    ``f = min(long_side / max(h, w), short_side / min(h, w))``; returns ``(int(h·f + 0.5), int(w·f + 0.5))``.
+    E.g. 375x500 -> 336x448, 1024x2048 with short side 560 -> 560x1120. The result may be 0 for extreme aspect
+    ratios (callers check it against the patch size).
+    """
+    _positive_int("height", height)
+    _positive_int("width", width)
+    _positive_int("short_side", short_side)
+    _positive_int("long_side", long_side)
+    f = min(long_side / max(height, width), short_side / min(height, width))
+    return int(height * f + 0.5), int(width * f + 0.5)
+
+
+def to_tensor_image(image: object) -> torch.Tensor:
+    """uint8 RGB ``H x W x 3`` array/tensor -> float32 tensor ``[1, 3, H, W]`` with values 0-255."""
+    if isinstance(image, torch.Tensor):
+        t = image
+    else:
+        import numpy as np
+
+        if not isinstance(image, np.ndarray):
+            raise TypeError(
+                f"image: expected a uint8 HxWx3 numpy array or tensor, got {type(image).__name__}"
+            )
+        t = torch.from_numpy(np.ascontiguousarray(image))
+    if t.ndim != 3 or t.shape[2] != 3 or t.dtype != torch.uint8:
+        raise ValueError(f"image: expected uint8 HxWx3, got shape {tuple(t.shape)} dtype {t.dtype}")
+    return t.permute(2, 0, 1).unsqueeze(0).float()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """``(x - CLIP_MEAN) / CLIP_STD`` per RGB channel; ``x`` is ``[B, 3, H, W]`` on the 0-255 scale."""
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(
+    image: object,
+    *,
+    short_side: int | None = 336,
+    long_side: int = 2048,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """uint8 RGB ``H x W x 3`` -> normalised float32 ``[1, 3, h, w]`` resized per :func:`rescale_size`.
+
+    ``short_side=None`` keeps the original size (no resize). The resize runs on ``device`` (CPU when
+    ``None``).
+    """
+    x = to_tensor_image(image)
+    if device is not None:
+        x = x.to(device)
+    h, w = x.shape[-2:]
+    if short_side is not None:
+        nh, nw = rescale_size(h, w, short_side, long_side)
+        if min(nh, nw) <= 0:
+            raise ValueError(
+                f"image: {h}x{w} resized with short side {short_side} / long side {long_side} becomes "
+                f"{nh}x{nw}; the aspect ratio is too extreme"
+            )
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
+            x = x.round_().clamp_(0.0, 255.0)
+    return normalize(x)
+
+
+def slide_windows(height: int, width: int, crop: int = 224, stride: int = 112) -> list[Window]:
+    """Window placement of the official ``forward_slide`` (spec §2.4), row-major.
+
+    ``n_h = max(H - crop + stride - 1, 0) // stride + 1`` (same for W); window ``(i, j)``: ``y1 = i·stride``,
+    ``y2 = min(y1 + crop, H)``, ``y1 = max(y2 - crop, 0)`` (the last window is shifted back to end at the
+    border); an image smaller than the crop gives one window covering it at its own size.
+    """
+    _positive_int("height", height)
+    _positive_int("width", width)
+    _positive_int("crop", crop)
+    _positive_int("stride", stride)
+    n_h = max(height - crop + stride - 1, 0) // stride + 1
+    n_w = max(width - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(n_h):
+        for j in range(n_w):
+            y1, x1 = i * stride, j * stride
+            y2, x2 = min(y1 + crop, height), min(x1 + crop, width)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out.append(Window(y1, y2, x1, x2))
+    return out
+
+
+def _patch_size(visual: object) -> tuple[int, int]:
+    p = getattr(visual, "patch_size", None)
+    if p is None:
+        raise TypeError(f"visual: expected a model with a patch_size attribute, got {type(visual).__name__}")
+    if isinstance(p, int):
+        return (p, p)
+    return (int(p[0]), int(p[1]))
+
+
+def dense_logits(visual: VisualFn, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine logits at input resolution: ``[B, 3, h, w]`` -> ``[B, Q, h, w]`` (model dtype).
+
+    ``feats = visual(images)[:, 1:]`` (CLS dropped) ``/ ||feats||`` per patch, ``@ text.T`` (``text`` ``[Q,
+    D]``, cast to the features' dtype and device), reshaped row-major to ``[B, Q, gh, gw]`` with ``gh = h //
+    ph``, ``gw = w // pw``, then bilinear (``align_corners=False``) to ``(h, w)``.
+    """
+    ph, pw = _patch_size(visual)
+    b, _, h, w = images.shape
+    gh, gw = h // ph, w // pw
+    feats = visual(images)
+    if feats.ndim != 3 or feats.shape[0] != b or feats.shape[1] != 1 + gh * gw:
+        raise RuntimeError(
+            f"visual returned shape {tuple(feats.shape)}; "
+            f"expected [{b}, {1 + gh * gw}, D] for a {h}x{w} input"
+        )
+    feats = feats[:, 1:]
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    logits = feats @ text.to(device=feats.device, dtype=feats.dtype).T  # [B, N, Q]
+    logits = logits.permute(0, 2, 1).reshape(b, -1, gh, gw)
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def whole_logits(visual: VisualFn, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Whole-image (or single-pass) logits ``[1, Q, H, W]`` in float32."""
+    return dense_logits(visual, image, text).float()
+
+
+def crops_per_chunk(
+    visual: object, crop_hw: tuple[int, int], memory_budget: int, *, element_size: int = 4
+) -> int:
+    """How many ``crop_hw`` crops to run through ``visual`` at once within ``memory_budget`` bytes.
+
+    Estimate of the peak activation memory of one crop through a ViT of width ``E`` and ``Hh`` heads with
+    ``T = 1 + gh·gw`` tokens: ``element_size · T · (16·E + 2·Hh·T)`` bytes (residual stream, q/k/v, the 4x MLP
+    hidden layer, and one materialised attention matrix per head). ``E`` and ``Hh`` are read from
+    ``visual.width`` / ``visual.num_heads`` or the wrapped open_clip ``transformer`` when present, else 1024 /
+    16. Always at least 1.
+    """
+    ph, pw = _patch_size(visual)
+    t = 1 + (crop_hw[0] // ph) * (crop_hw[1] // pw)
+    inner = getattr(visual, "visual", visual)
+    tr = getattr(inner, "transformer", None)
+    width = getattr(visual, "width", None) or getattr(tr, "width", None) or 1024
+    heads = getattr(visual, "num_heads", None) or getattr(visual, "heads", None)
+    if heads is None and tr is not None and len(getattr(tr, "resblocks", ())) > 0:
+        attn = tr.resblocks[-1].attn
+        heads = getattr(attn, "num_heads", None)
+    heads = heads or 16
+    per_crop = element_size * t * (16 * int(width) + 2 * int(heads) * t)
+    return max(1, int(memory_budget // per_crop))
+
+
+def slide_logits(
+    visual: VisualFn,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    crop: int = 224,
+    stride: int = 112,
+    memory_budget: int = 2 << 30,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Sliding-window logits ``[1, Q, H, W]`` (float32): average of the window logits (spec §2.4).
+
+    Every window's logits (already at window size) are added into a zero canvas and a count map; the result is
+    ``sum / count``. Crops are grouped by shape and run in batches of :func:`crops_per_chunk` (or
+    ``max_batch``) crops; batching does not change the result since every image in a batch is processed
+    independently.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"image: expected [1, 3, H, W], got {tuple(image.shape)}")
+    _, _, height, width = image.shape
+    windows = slide_windows(height, width, crop, stride)
+    groups: dict[tuple[int, int], list[Window]] = {}
+    for win in windows:
+        groups.setdefault(win.shape, []).append(win)
+    acc: torch.Tensor | None = None
+    count = torch.zeros((1, 1, height, width), dtype=torch.float32, device=image.device)
+    elem = image.element_size()
+    for shape, wins in groups.items():
+        if max_batch is not None:
+            chunk = _positive_int("max_batch", max_batch)
+        else:
+            chunk = crops_per_chunk(visual, shape, memory_budget, element_size=elem)
+        for start in range(0, len(wins), chunk):
+            part = wins[start : start + chunk]
+            batch = torch.cat([image[:, :, w.y1 : w.y2, w.x1 : w.x2] for w in part], dim=0)
+            out = dense_logits(visual, batch, text).float()
+            if acc is None:
+                acc = torch.zeros((1, out.shape[1], height, width), dtype=torch.float32, device=out.device)
+                count = count.to(out.device)
+            for k, w in enumerate(part):
+                acc[:, :, w.y1 : w.y2, w.x1 : w.x2] += out[k : k + 1]
+                count[:, :, w.y1 : w.y2, w.x1 : w.x2] += 1
+    if acc is None:  # unreachable: slide_windows always returns at least one window
+        raise RuntimeError("slide_logits: no window")
+    return acc / count
+
+
+def infer_logits(
+    visual: VisualFn,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    mode: str = "whole",
+    crop: int = 224,
+    stride: int = 112,
+    memory_budget: int = 2 << 30,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Logits ``[1, Q, H, W]`` (float32) of a normalised image ``[1, 3, H, W]`` for ``mode`` in
+    :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image: expected a normalised tensor [1, 3, H, W], got {shape}")
+    ph, pw = _patch_size(visual)
+    h, w = image.shape[-2:]
+    if h < ph or w < pw:
+        raise ValueError(f"image: {h}x{w} is smaller than one {ph}x{pw} patch")
+    if mode == "slide":
+        _positive_int("crop", crop)
+        _positive_int("stride", stride)
+        if min(crop, h) < ph or min(crop, w) < pw:
+            raise ValueError(f"crop: {crop} is smaller than one {ph}x{pw} patch")
+        return slide_logits(
+            visual, image, text, crop=crop, stride=stride, memory_budget=memory_budget, max_batch=max_batch
+        )
+    return whole_logits(visual, image, text)
+
+
+def postprocess(
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    query_idx: torch.Tensor | Sequence[int],
+    *,
+    ori_shape: tuple[int, int],
+    num_classes: int | None = None,
+    pamr_steps: int = 10,
+    pamr_dilations: Sequence[int] = (8, 16),
+    prob_thd: float = 0.0,
+    logit_scale: float = LOGIT_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow] int64, probs [C, oh, ow] float32)`` (spec §2.5).
+
+    ``image`` is the normalised model input ``[1, 3, H, W]`` (PAMR guidance); ``query_idx[q]`` is the class of
+    query ``q``; ``num_classes`` defaults to ``max(query_idx) + 1``.
+    """
+    qidx = torch.as_tensor(query_idx, dtype=torch.long, device=logits.device)
+    if qidx.ndim != 1 or qidx.numel() != logits.shape[1]:
+        raise ValueError(
+            f"query_idx: expected {logits.shape[1]} entries (one per query), got shape {tuple(qidx.shape)}"
+        )
+    n_cls = int(qidx.max()) + 1 if num_classes is None else int(num_classes)
+    if int(qidx.min()) < 0 or int(qidx.max()) >= n_cls:
+        raise ValueError(f"query_idx: values must lie in [0, {n_cls}), got {qidx.tolist()}")
+    oh, ow = (int(s) for s in ori_shape)
+    _positive_int("ori_shape[0]", oh)
+    _positive_int("ori_shape[1]", ow)
+    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int) or pamr_steps < 0:
+        raise ValueError(f"pamr_steps: expected an int >= 0, got {pamr_steps!r}")
+
+    logits = F.interpolate(logits.float(), size=(oh, ow), mode="bilinear", align_corners=False)
+    if pamr_steps > 0:
+        guide = F.interpolate(image.float(), size=(oh, ow), mode="bilinear", align_corners=False)
+        try:
+            logits = _pamr(guide.to(logits.device), logits, pamr_steps, pamr_dilations)
+        except RuntimeError as exc:  # e.g. out of memory on a huge image: keep the unrefined logits
+            warnings.warn(f"PAMR skipped: {exc}", RuntimeWarning, stacklevel=2)
+    probs = (logits[0] * logit_scale).softmax(dim=0)  # [Q, oh, ow]
+    if n_cls != qidx.numel() or not torch.equal(qidx, torch.arange(n_cls, device=qidx.device)):
+        cls_probs = probs.new_zeros((n_cls, oh, ow))
+        # max over each class's queries; probabilities are >= 0 so the zero init is neutral
+        index = qidx.view(-1, 1, 1).expand_as(probs)
+        cls_probs.scatter_reduce_(0, index, probs, "amax", include_self=True)
+        probs = cls_probs
+    top = probs.max(dim=0).values
+    labels = probs.argmax(dim=0)
+    labels[top < prob_thd] = 0
+    probs = probs / probs.sum(dim=0, keepdim=True)
+    return labels.cpu(), probs.cpu()

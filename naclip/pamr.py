@@ -1,0 +1,129 @@
+"""PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as used by NACLIP's post-processing.
+
+Behaviour (spec §2.6), for an image ``I`` ``[B, K, h, w]`` (the normalised input image) and a mask ``M``
+``[B, C, h, w]`` (the class logits):
+
+* For every dilation ``d`` the 8 neighbours at offsets ``(dy·d, dx·d)``, ``dy, dx ∈ {-1, 0, 1}``, ``(dy, dx) ≠
+  (0, 0)``, in the row-major order ``(-1,-1), (-1,0), (-1,1), (0,-1), (0,1), (1,-1), (1,0), (1,1)``, are read
+  with **replicate** padding (a position outside the image reads the nearest border pixel). With ``n``
+  dilations there are ``8n`` neighbours.
+* ``std_k(p)`` is the **unbiased** standard deviation (``torch.std``, divisor ``9n - 1``) of channel ``k``
+  over the ``9n`` samples "centre + 8 neighbours" of every dilation (the centre appears once per dilation).
+* Affinity logits ``a_j(p) = mean_k( -|I_k(p) - I_k(p + o_j)| / (1e-8 + 0.1·std_k(p)) )``, then a softmax over
+  the ``8n`` neighbours ``j`` (the centre pixel is not a neighbour and is never propagated from).
+* ``num_iter`` times: ``M(p) <- sum_j a_j(p) · M(p + o_j)`` (replicate border), for every channel at once.
+
+The mask is first resized to the image size (bilinear, ``align_corners=True``) exactly like the original code;
+it is a no-op when the sizes already match (the case in NACLIP, which resizes both to ``ori_shape``
+beforehand).
+
+Everything is vectorised over pixels and channels; the only Python loops run over the ``8n`` neighbour offsets
+and the iterations. Memory: ``O((8n + 2)·B·K·h·w + 3·B·C·h·w)`` floats (the official code materialises
+``8n·B·C·h·w`` for the mask propagation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pamr", "neighbour_offsets"]
+
+_UNIT_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``8·len(dilations)`` neighbour offsets ``(dy, dx)`` in PAMR's order (dilation-major)."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in _UNIT_OFFSETS]
+
+
+def _check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(dilations, int | str) or not isinstance(dilations, Sequence):
+        raise TypeError(f"dilations: expected a sequence of positive ints, got {dilations!r}")
+    out = tuple(dilations)
+    if not out or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in out):
+        raise ValueError(f"dilations: expected a non-empty sequence of positive ints, got {dilations!r}")
+    return out
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, h: int, w: int) -> torch.Tensor:
+    """View of ``x[p + (dy, dx)]`` for every ``p`` from a replicate-padded tensor (pad ``pad`` on every
+    side)."""
+    return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+@torch.no_grad()
+def pamr(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    num_iter: int = 10,
+    dilations: Sequence[int] = (8, 16),
+) -> torch.Tensor:
+    """Refine ``mask`` with PAMR guided by ``image``.
+
+    Args:
+        image: ``[B, K, h, w]`` floating guidance image (NACLIP: the normalised RGB input resized to the
+            output size, ``K = 3``).
+        mask: ``[B, C, h', w']`` floating mask/logits; resized to ``(h, w)`` with bilinear
+            ``align_corners=True`` when ``(h', w') != (h, w)``.
+        num_iter: number of propagation steps (``>= 0``; 0 returns the resized mask).
+        dilations: neighbour distances in pixels; default ``(8, 16)`` as in NACLIP.
+
+    Returns:
+        ``[B, C, h, w]`` refined mask in ``float32`` (computed in float32 whatever the input dtypes; cast it
+        back yourself if needed, as NACLIP does).
+    """
+    if not isinstance(image, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"image/mask: expected torch.Tensor, got {type(image).__name__} and {type(mask).__name__}"
+        )
+    if image.ndim != 4 or mask.ndim != 4:
+        raise ValueError(
+            f"image/mask: expected 4-D [B, K, h, w] and [B, C, h, w], got shapes {tuple(image.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
+    if image.shape[0] != mask.shape[0]:
+        raise ValueError(f"image/mask: batch sizes differ ({image.shape[0]} vs {mask.shape[0]})")
+    if not image.is_floating_point() or not mask.is_floating_point():
+        raise TypeError(f"image/mask: expected floating tensors, got {image.dtype} and {mask.dtype}")
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
+        raise ValueError(f"num_iter: expected an int >= 0, got {num_iter!r}")
+    dils = _check_dilations(dilations)
+
+    image = image.float()
+    mask = mask.float()
+    h, w = image.shape[-2:]
+    if tuple(mask.shape[-2:]) != (h, w):
+        mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=True)
+    offsets = neighbour_offsets(dils)
+    pad = max(dils)
+
+    # Guidance: affinities from the image, computed once.
+    img_pad = F.pad(image, (pad, pad, pad, pad), mode="replicate")
+    neigh = torch.stack([_shifted(img_pad, pad, dy, dx, h, w) for dy, dx in offsets], dim=2)  # [B,K,8n,h,w]
+    # The std pools, per dilation, the 9 samples of the 3x3 dilated window in row-major order (centre 5th).
+    centre = image.unsqueeze(2)
+    samples = torch.cat(
+        [
+            t
+            for i in range(len(dils))
+            for t in (neigh[:, :, 8 * i : 8 * i + 4], centre, neigh[:, :, 8 * i + 4 : 8 * i + 8])
+        ],
+        dim=2,
+    )  # [B, K, 9n, h, w]
+    std = samples.std(dim=2, keepdim=True)  # unbiased
+    del samples
+    aff = -(centre - neigh).abs_() / (1e-8 + 0.1 * std)
+    del neigh
+    aff = aff.mean(dim=1)  # [B, 8n, h, w]
+    aff = aff.softmax(dim=1)
+
+    for _ in range(num_iter):
+        m_pad = F.pad(mask, (pad, pad, pad, pad), mode="replicate")
+        new = torch.zeros_like(mask)
+        for j, (dy, dx) in enumerate(offsets):
+            new.addcmul_(_shifted(m_pad, pad, dy, dx, h, w), aff[:, j : j + 1])
+        mask = new
+    return mask

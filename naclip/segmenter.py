@@ -1,0 +1,533 @@
+"""The public segmentation API: :class:`Segmenter`, :class:`SegmentationResult`, :class:`SegmentConfig`.
+
+``Segmenter(clip_model, tokenizer)`` wraps any open_clip CLIP ViT (or, for feature-level use such as the
+fixture replay, a bare open_clip ``VisionTransformer`` with ``tokenizer=None``). ``predict(image, classes |
+preset=...)`` runs the full NACLIP pipeline (see :mod:`naclip.inference`): load/convert the image
+(:func:`naclip.io.load_image`), resize (short side 336 by default), normalise, dense cosine logits in
+``whole``, ``slide`` or ``single`` mode, resize to the original size, PAMR, ``softmax(40·logits)``, max over
+synonyms, ``prob_thd`` background, and returns a :class:`SegmentationResult` at the original resolution.
+
+Settings come from, in order of precedence: the keyword arguments of ``predict``, the preset (if any), then
+the :class:`SegmentConfig` given to the ``Segmenter`` (defaults below; the single home of the library
+defaults).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from naclip import inference, io
+from naclip.presets import Preset, get_preset
+from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes
+
+__all__ = ["SegmentConfig", "SegmentationResult", "Segmenter", "resolve_dtype"]
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` | a floating ``torch.dtype`` | ``"fp32"``/``"fp16"``/``"bf16"`` (and long names) -> dtype."""
+    if dtype is None or dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype  # type: ignore[return-value]
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype: expected one of fp32, fp16, bf16 (or a matching torch dtype), got {dtype!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Library defaults (used when neither ``predict``'s arguments nor a preset set a value).
+
+    Attributes:
+        mode: ``"whole"`` (resized image in one pass), ``"slide"`` (crop/stride windows, averaged) or
+            ``"single"`` (= whole, meant for high-resolution single passes; combine with a larger
+            ``short_side``).
+        short_side, long_side: resize ``scale=(long_side, short_side)`` (mmcv ``imrescale``);
+        ``short_side=None``
+            keeps the original resolution.
+        crop, stride: sliding-window size and step in pixels of the resized image.
+        pamr: PAMR refinement on/off (official default on); ``pamr_steps`` iterations, ``pamr_dilations``.
+        prob_thd: pixels whose best class probability is below it become class 0.
+        logit_scale: softmax temperature (40 in NACLIP).
+        max_pixels: limit on ``H·W`` of the input image and of the resized model input (``None``: no limit).
+        memory_budget: bytes of activation memory per batch of sliding-window crops (sets the crop batch
+            size).
+        text_batch: queries per ``encode_text`` call (each query has ``len(templates)`` prompts).
+        templates: prompt templates with a ``{c}`` placeholder; default the 80 OpenAI ImageNet templates
+            (:data:`naclip.text.TEMPLATES`, as NACLIP). Fewer templates encode faster but change the features.
+    """
+
+    mode: str = "whole"
+    short_side: int | None = 336
+    long_side: int = 2048
+    crop: int = 224
+    stride: int = 112
+    pamr: bool = True
+    pamr_steps: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    prob_thd: float = 0.0
+    logit_scale: float = inference.LOGIT_SCALE
+    max_pixels: int | None = io.DEFAULT_MAX_PIXELS
+    memory_budget: int = 2 << 30
+    text_batch: int = 8
+    templates: tuple[str, ...] = TEMPLATES
+
+    def __post_init__(self) -> None:
+        if self.mode not in inference.MODES:
+            raise ValueError(f"mode: expected one of {inference.MODES}, got {self.mode!r}")
+        if self.short_side is not None:
+            _check_int("short_side", self.short_side, 1)
+        _check_int("long_side", self.long_side, 1)
+        _check_int("crop", self.crop, 1)
+        _check_int("stride", self.stride, 1)
+        _check_int("pamr_steps", self.pamr_steps, 0)
+        if not isinstance(self.pamr, bool):
+            raise TypeError(f"pamr: expected a bool, got {self.pamr!r}")
+        if not self.pamr_dilations or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.pamr_dilations
+        ):
+            raise ValueError(f"pamr_dilations: expected positive ints, got {self.pamr_dilations!r}")
+        _check_prob_thd(self.prob_thd)
+        if self.max_pixels is not None:
+            _check_int("max_pixels", self.max_pixels, 1)
+        _check_int("memory_budget", self.memory_budget, 1)
+        _check_int("text_batch", self.text_batch, 1)
+        if (
+            isinstance(self.templates, str)
+            or not self.templates
+            or not all(isinstance(t, str) and "{c}" in t for t in self.templates)
+        ):
+            raise ValueError(
+                f"templates: expected a non-empty tuple of str containing '{{c}}', got {self.templates!r}"
+            )
+
+
+def _check_prob_thd(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"prob_thd: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass
+class SegmentationResult:
+    """A segmentation at the original image resolution.
+
+    Attributes:
+        labels: ``LongTensor [H, W]`` (cpu), class index per pixel.
+        probs: ``FloatTensor [C, H, W]`` (cpu), per-class probabilities (max over synonyms, renormalised to
+            sum 1).
+        class_names: ``C`` display names (``class_names[labels[y, x]]``).
+        logits: raw cosine logits ``[Q, h, w]`` at model-input resolution (before resizing, PAMR and softmax),
+            only when requested (``return_logits=True``), else ``None``.
+        image: the uint8 RGB input ``[H, W, 3]`` when known (used by :meth:`save_overlay`).
+        source: the input file path when the image was given as a path (never overwritten by the writers).
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    class_names: list[str]
+    logits: torch.Tensor | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    source: Path | None = None
+
+    def _protect(self, protect: Iterable[os.PathLike | str]) -> list[os.PathLike | str]:
+        return [*([self.source] if self.source is not None else []), *protect]
+
+    def save_mask(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """Palette PNG of ``labels`` (VOC palette), written atomically; never onto the input file."""
+        return io.save_mask(path, self.labels, protect=self._protect(protect))
+
+    def save_overlay(
+        self,
+        path: str | os.PathLike,
+        image: Any = None,
+        *,
+        alpha: float = 0.5,
+        protect: Iterable[os.PathLike | str] = (),
+    ) -> Path:
+        """Colour overlay of ``labels`` on ``image`` (default: the predicted image) with a legend,
+        atomically."""
+        img = self.image if image is None else image
+        if img is None:
+            raise ValueError("image: no image stored in this result; pass the image to overlay")
+        return io.save_overlay(
+            path, img, self.labels, self.class_names, alpha=alpha, protect=self._protect(protect)
+        )
+
+    def save_probs(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """``probs`` as a float32 ``.npy`` ``[C, H, W]``, written atomically."""
+        return io.save_probs(path, self.probs, protect=self._protect(protect))
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Segmenter:
+    """NACLIP open-vocabulary semantic segmentation on an open_clip CLIP ViT.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` with a ViT image tower (``.visual`` an open_clip
+            ``VisionTransformer``, ``.encode_text``), or a bare ``VisionTransformer`` (then only
+            :meth:`predict_from_features` works). Moved in place to ``device`` / ``dtype`` when given.
+        tokenizer: the open_clip tokenizer of the model (``open_clip.get_tokenizer(name)``), or ``None`` for a
+            bare image tower.
+        method: attention strategy of the last block, one of :data:`naclip.strategies.STRATEGIES`
+            (``naclip`` = NACLIP; ``kk``, ``nonly``, ``vanilla``, ``csa`` for ablations/SCLIP).
+        arch: last-block architecture ``"reduced"`` or ``"vanilla"``; ``None`` picks the strategy's required
+            arch (``csa`` -> ``vanilla``) or else ``reduced`` (NACLIP).
+        gaussian_std: Gaussian std in patch units (``naclip``/``nonly``).
+        backend: ``naclip_kernels`` backend (``None`` = global default: Triton on CUDA, PyTorch on CPU).
+        device, dtype: where/how to run (``dtype`` ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype).
+        config: :class:`SegmentConfig` with the defaults.
+        model_id: a name for the text-feature cache key (default: derived from the object).
+    """
+
+    def __init__(
+        self,
+        clip_model: torch.nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        *,
+        method: str = "naclip",
+        arch: str | None = None,
+        gaussian_std: float = 5.0,
+        backend: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: SegmentConfig | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        from open_clip.transformer import VisionTransformer
+
+        from naclip.model import NaclipVisual
+        from naclip.strategies import get_strategy
+
+        if not isinstance(clip_model, torch.nn.Module):
+            raise TypeError(f"clip_model: expected an open_clip CLIP model, got {type(clip_model).__name__}")
+        if isinstance(clip_model, VisionTransformer):
+            visual, self.clip_model = clip_model, None
+        else:
+            visual = getattr(clip_model, "visual", None)
+            if not isinstance(visual, VisionTransformer):
+                raise TypeError(
+                    "clip_model: expected an open_clip CLIP with a ViT image tower (model.visual an "
+                    f"open_clip VisionTransformer), got {type(clip_model).__name__} "
+                    f"with visual={type(visual).__name__}"
+                )
+            if not callable(getattr(clip_model, "encode_text", None)):
+                raise TypeError(f"clip_model: {type(clip_model).__name__} has no encode_text method")
+            self.clip_model = clip_model
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(
+                f"tokenizer: expected a callable open_clip tokenizer, got {type(tokenizer).__name__}"
+            )
+        if config is None:
+            config = SegmentConfig()
+        elif not isinstance(config, SegmentConfig):
+            raise TypeError(f"config: expected a SegmentConfig, got {type(config).__name__}")
+        self.config = config
+        self.tokenizer = tokenizer
+        if arch is None:
+            arch = get_strategy(method).required_arch or "reduced"
+        torch_dtype = resolve_dtype(dtype)
+        module = self.clip_model if self.clip_model is not None else visual
+        if device is not None or torch_dtype is not None:
+            module.to(device=device, dtype=torch_dtype)
+        module.eval()
+        self.visual = NaclipVisual(
+            visual, arch=arch, strategy=method, gaussian_std=gaussian_std, backend=backend
+        )
+        self.model_id = model_id or f"{type(module).__name__}@{id(module):x}"
+        self._text_cache = TextFeatureCache()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "ViT-B-16",
+        pretrained: str | None = "openai",
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        method: str = "naclip",
+        checkpoint: str | os.PathLike | None = None,
+        **kw: Any,
+    ) -> Segmenter:
+        """Load an open_clip model with :func:`naclip.hub.load_clip` (downloads into the standard cache; a
+        clear ``WeightsUnavailableError`` when offline) and wrap it. ``pretrained=None`` gives random weights;
+        ``checkpoint`` a local weights file. ``kw`` go to :class:`Segmenter` (``arch``, ``gaussian_std``,
+        ``backend``, ``config``)."""
+        from naclip.hub import load_clip
+
+        torch_dtype = resolve_dtype(dtype)
+        clip_model, tokenizer = load_clip(
+            model, pretrained, device=device, dtype=torch_dtype, checkpoint=checkpoint
+        )
+        tag = str(checkpoint) if checkpoint is not None else str(pretrained)
+        kw.setdefault("model_id", f"{model}/{tag}")
+        # load_clip already placed the model and applied open_clip's mixed precision (LayerNorm kept in fp32).
+        return cls(clip_model, tokenizer, method=method, **kw)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.visual)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the image tower's patch embedding (the dtype images are cast to)."""
+        return self.visual.visual.conv1.weight.dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"Segmenter(model_id={self.model_id!r}, method={self.visual.strategy!r}, "
+            f"arch={self.visual.arch!r}, "
+            f"gaussian_std={self.visual.gaussian_std!r}, device={str(self.device)!r}, dtype={self.dtype})"
+        )
+
+    # ------------------------------------------------------------------ text
+    def _resolve_classes(self, classes: Any, preset: Preset | None) -> ClassSpec:
+        if classes is None:
+            if preset is None:
+                raise ValueError(
+                    "classes: expected class names (e.g. 'sky, cloud; tree; person') or a preset"
+                )
+            return preset.classes
+        return parse_classes(classes)
+
+    def text_features(
+        self,
+        classes: str | Sequence[str] | ClassSpec,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Text classifier of ``classes``: ``(features [Q, D] unit rows, query_to_class LongTensor [Q],
+        class_names)``; features are float32 on the model's device. Cached per (model, dtype, device,
+        templates, queries); ``progress(done, total)`` is called while queries are encoded (not on a
+        cache hit).
+        """
+        spec = parse_classes(classes)
+        if self.clip_model is None or self.tokenizer is None:
+            raise ValueError(
+                "classes: this Segmenter has no text encoder/tokenizer (built from an image tower only); "
+                "use predict_from_features with precomputed query features"
+            )
+        templates = tuple(self.config.templates)
+        key = (self.model_id, str(self.dtype), str(self.device), templates, spec.queries)
+        feats = self._text_cache.get_or_compute(
+            key,
+            lambda: encode_queries(
+                self.clip_model,
+                self.tokenizer,
+                list(spec.queries),
+                templates=templates,
+                queries_per_batch=self.config.text_batch,
+                progress=progress,
+            ),
+        )
+        qidx = torch.tensor(spec.query_to_class, dtype=torch.long)
+        return feats.to(self.device), qidx, list(spec.names)
+
+    # ------------------------------------------------------------------ inference
+    def predict(
+        self,
+        image: Any,
+        classes: str | Sequence[str] | ClassSpec | None = None,
+        *,
+        preset: str | Preset | None = None,
+        mode: str | None = None,
+        pamr: bool | None = None,
+        prob_thd: float | None = None,
+        short_side: int | None = None,
+        long_side: int | None = None,
+        crop: int | None = None,
+        stride: int | None = None,
+        return_logits: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SegmentationResult:
+        """Segment ``image`` into ``classes`` (or the ``preset``'s classes).
+
+        ``image``: path, PIL image, numpy array or tensor (see :func:`naclip.io.load_image`). ``classes``:
+        ``"sky, cloud; tree; person"`` or ``["sky, cloud", "tree", "person"]`` (``";"`` separates classes,
+        commas synonyms). ``preset``: one of :data:`naclip.presets.PRESET_NAMES`; it supplies the classes
+        (unless ``classes`` is given), ``mode``, ``prob_thd``, ``short_side``/``long_side`` and PAMR on. Other
+        arguments override (``None`` = preset or :class:`SegmentConfig` default). Returns labels/probs at the
+        original size.
+        """
+        cfg = self.config
+        pre = get_preset(preset) if isinstance(preset, str) else preset
+        if pre is not None and not isinstance(pre, Preset):
+            raise TypeError(f"preset: expected a preset name or Preset, got {type(preset).__name__}")
+        spec = self._resolve_classes(classes, pre)
+        mode = mode if mode is not None else (pre.mode if pre is not None else cfg.mode)
+        if mode not in inference.MODES:
+            raise ValueError(f"mode: expected one of {inference.MODES}, got {mode!r}")
+        use_pamr = pamr if pamr is not None else (pre.pamr if pre is not None else cfg.pamr)
+        if not isinstance(use_pamr, bool):
+            raise TypeError(f"pamr: expected a bool or None, got {pamr!r}")
+        thd = _check_prob_thd(
+            prob_thd if prob_thd is not None else (pre.prob_thd if pre is not None else cfg.prob_thd)
+        )
+        if short_side is None:
+            short_side = pre.short_side if pre is not None else cfg.short_side
+        else:
+            _check_int("short_side", short_side, 1)
+        if long_side is None:
+            long_side = pre.long_side if pre is not None else cfg.long_side
+        else:
+            _check_int("long_side", long_side, 1)
+        crop = cfg.crop if crop is None else crop
+        stride = cfg.stride if stride is None else stride
+        _check_int("crop", crop, 1)
+        _check_int("stride", stride, 1)
+
+        source = Path(image) if isinstance(image, str | os.PathLike) else None
+        rgb = io.load_image(image, max_pixels=cfg.max_pixels)
+        ph, pw = self.visual.patch_size
+        h, w = rgb.shape[:2]
+        if h < ph or w < pw:
+            raise ValueError(f"image: {h}x{w} is smaller than one {ph}x{pw} patch of the model")
+        if short_side is not None:
+            nh, nw = inference.rescale_size(h, w, short_side, long_side)
+            if nh < ph or nw < pw:
+                raise ValueError(
+                    f"image: {h}x{w} resized to {nh}x{nw} (short side {short_side}, long side {long_side}) "
+                    f"is smaller than one {ph}x{pw} patch; the aspect ratio is too extreme"
+                )
+            if cfg.max_pixels is not None and nh * nw > cfg.max_pixels:
+                raise io.ImageTooLargeError(
+                    f"image: the resized model input {nw}x{nh} has {nh * nw:,} pixels, above the limit of "
+                    f"{cfg.max_pixels:,} (lower short_side or raise SegmentConfig.max_pixels)"
+                )
+        feats, qidx, _ = self.text_features(spec, progress=progress)
+        x = inference.preprocess(rgb, short_side=short_side, long_side=long_side, device=self.device)
+        result = self.predict_from_features(
+            x,
+            feats,
+            qidx,
+            ori_shape=(h, w),
+            mode=mode,
+            pamr_steps=cfg.pamr_steps if use_pamr else 0,
+            pamr_dilations=cfg.pamr_dilations,
+            prob_thd=thd,
+            num_classes=spec.num_classes,
+            class_names=list(spec.names),
+            crop=crop,
+            stride=stride,
+            return_logits=return_logits,
+        )
+        result.image = rgb
+        result.source = source
+        return result
+
+    @torch.inference_mode()
+    def predict_from_features(
+        self,
+        image: torch.Tensor,
+        query_features: torch.Tensor,
+        query_idx: torch.Tensor | Sequence[int],
+        *,
+        ori_shape: tuple[int, int] | None = None,
+        mode: str = "whole",
+        pamr_steps: int = 10,
+        pamr_dilations: Sequence[int] = (8, 16),
+        prob_thd: float = 0.0,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        crop: int = 224,
+        stride: int = 112,
+        logit_scale: float | None = None,
+        return_logits: bool = False,
+    ) -> SegmentationResult:
+        """Run the pipeline from a normalised model input and precomputed query features (the official
+        ``NACLIP.predict`` given ``query_features``/``query_idx``).
+
+        Args:
+            image: normalised ``[1, 3, H, W]`` float tensor (``(rgb - CLIP_MEAN) / CLIP_STD``), already
+                resized.
+            query_features: ``[Q, D]`` text features (L2-normalised rows; used as given).
+            query_idx: ``[Q]`` class index of every query.
+            ori_shape: output size ``(oh, ow)`` (default: ``(H, W)``).
+            mode: ``"whole"``, ``"slide"`` or ``"single"``.
+            pamr_steps, pamr_dilations: PAMR iterations (0 = off) and dilations.
+            prob_thd: background threshold; num_classes: default ``max(query_idx) + 1``.
+            class_names: display names (default ``"class_<i>"``).
+            crop, stride: sliding window geometry; logit_scale: default ``SegmentConfig.logit_scale`` (40).
+            return_logits: keep the raw logits ``[Q, H, W]`` (for slide: the window average) in the result.
+        """
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image: expected a normalised float tensor [1, 3, H, W], got {shape}")
+        if not image.is_floating_point():
+            raise TypeError(f"image: expected a normalised floating tensor, got dtype {image.dtype}")
+        if not isinstance(query_features, torch.Tensor) or query_features.ndim != 2:
+            raise ValueError(
+                "query_features: expected a [Q, D] tensor, "
+                f"got {getattr(query_features, 'shape', query_features)}"
+            )
+        if query_features.shape[1] != self.visual.output_dim:
+            raise ValueError(
+                f"query_features: expected D = {self.visual.output_dim} (the model's output dim), "
+                f"got {query_features.shape[1]}"
+            )
+        if ori_shape is None:
+            ori_shape = (int(image.shape[2]), int(image.shape[3]))
+        thd = _check_prob_thd(prob_thd)
+        scale = self.config.logit_scale if logit_scale is None else float(logit_scale)
+        image = image.to(self.device)
+        logits = inference.infer_logits(
+            self.visual,
+            image,
+            query_features,
+            mode=mode,
+            crop=crop,
+            stride=stride,
+            memory_budget=self.config.memory_budget,
+        )
+        labels, probs = inference.postprocess(
+            logits,
+            image,
+            query_idx,
+            ori_shape=ori_shape,
+            num_classes=num_classes,
+            pamr_steps=pamr_steps,
+            pamr_dilations=pamr_dilations,
+            prob_thd=thd,
+            logit_scale=scale,
+        )
+        n_cls = probs.shape[0]
+        if class_names is None:
+            names = [f"class_{i}" for i in range(n_cls)]
+        else:
+            names = [str(n) for n in class_names]
+            if len(names) != n_cls:
+                raise ValueError(f"class_names: expected {n_cls} names, got {len(names)}")
+        return SegmentationResult(
+            labels=labels,
+            probs=probs,
+            class_names=names,
+            logits=logits[0].cpu() if return_logits else None,
+        )

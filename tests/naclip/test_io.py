@@ -1,0 +1,334 @@
+"""Image loading/conversion and the atomic writers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from naclip import io
+
+
+def _rgb(h=5, w=7, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ PIL conversions
+
+
+def test_pil_rgb_and_grayscale():
+    a = _rgb()
+    assert np.array_equal(io.load_image(Image.fromarray(a)), a)
+    g = a[:, :, 0]
+    out = io.load_image(Image.fromarray(g, mode="L"))
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3)
+    assert all(np.array_equal(out[:, :, c], g) for c in range(3))
+    b = io.load_image(Image.fromarray(g > 128))  # mode "1"
+    assert set(np.unique(b)) <= {0, 255} and np.array_equal(b[:, :, 0] == 255, g > 128)
+
+
+def test_pil_palette_and_transparency():
+    idx = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90] + [0] * (256 * 3 - 9))
+    expected = np.array([[[10, 20, 30], [40, 50, 60]], [[70, 80, 90], [40, 50, 60]]], dtype=np.uint8)
+    assert np.array_equal(io.load_image(img), expected)
+    img.info["transparency"] = 1
+    assert np.array_equal(io.load_image(img), expected)  # transparency dropped, colours kept
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_dropped_not_composited(mode):
+    a = _rgb()
+    rgba = np.concatenate([a, np.zeros((5, 7, 1), np.uint8)], axis=2)  # fully transparent
+    img = Image.fromarray(rgba, mode="RGBA")
+    if mode == "LA":
+        img = img.convert("LA")
+        expected = np.repeat(np.asarray(img)[:, :, :1], 3, axis=2)
+    else:
+        expected = a
+    assert np.array_equal(io.load_image(img), expected)
+
+
+def test_16bit_png_file_scaled_to_8bit(tmp_path):
+    a16 = np.array([[0, 257, 65535], [32768, 1000, 65280]], dtype=np.uint16)
+    p = tmp_path / "g16.png"
+    Image.fromarray(a16).save(p)
+    with Image.open(p) as im:
+        assert im.mode in ("I;16", "I")
+    out = io.load_image(p)
+    expected = np.floor(a16 / 257.0 + 0.5).astype(np.uint8)
+    assert np.array_equal(out[:, :, 0], expected) and out[0, 2, 0] == 255 and out[0, 1, 0] == 1
+    assert np.array_equal(io.load_image(Image.open(p).convert("I"))[:, :, 1], expected)
+
+
+def test_float_pil_and_cmyk():
+    f = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)
+    out = io.load_image(Image.fromarray(f, mode="F"))
+    assert np.array_equal(out[:, :, 2], np.array([[0, 128], [255, 64]], np.uint8))
+    cmyk = Image.fromarray(_rgb()).convert("CMYK")
+    assert io.load_image(cmyk).shape == (5, 7, 3)
+
+
+def test_pil_int32_out_of_16bit_range_rejected():
+    img = Image.fromarray(np.array([[0, 70000]], dtype=np.int32), mode="I")
+    with pytest.raises(io.ImageLoadError, match="32-bit"):
+        io.load_image(img)
+
+
+# ------------------------------------------------------------------------------------------ numpy / torch
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda a: a, lambda a: a),
+        (lambda a: a[:, :, 0], lambda a: np.repeat(a[:, :, :1], 3, 2)),
+        (lambda a: a[:, :, :1], lambda a: np.repeat(a[:, :, :1], 3, 2)),
+        (lambda a: np.concatenate([a, a[:, :, :1]], 2), lambda a: a),
+        (lambda a: a.astype(np.uint16) * 257, lambda a: a),
+        (lambda a: a.astype(np.float32) / 255.0, lambda a: a),
+        (lambda a: a.astype(np.float64) / 255.0, lambda a: a),
+        (lambda a: np.asfortranarray(a), lambda a: a),
+    ],
+    ids=["hwc-u8", "hw-u8", "hw1-u8", "hwc4-alpha", "u16", "f32-unit", "f64-unit", "fortran"],
+)
+def test_numpy_conversions(make, expected):
+    a = _rgb()
+    out = io.load_image(make(a))
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3) and out.flags.c_contiguous
+    assert np.array_equal(out, expected(a))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: torch.from_numpy(a).permute(2, 0, 1),
+        lambda a: torch.from_numpy(a),
+        lambda a: torch.from_numpy(a).permute(2, 0, 1)[None],
+        lambda a: torch.from_numpy(a).permute(2, 0, 1).float() / 255,
+        lambda a: (torch.from_numpy(a).permute(2, 0, 1).float() / 255).to(torch.bfloat16).float(),
+    ],
+    ids=["chw-u8", "hwc-u8", "1chw-u8", "chw-float", "chw-float-roundtrip"],
+)
+def test_tensor_conversions(make):
+    a = _rgb(6, 9)
+    out = io.load_image(make(a))
+    assert out.shape == (6, 9, 3) and out.dtype == np.uint8
+    tol = 0 if make(a).dtype == torch.uint8 else 1  # bf16 round trip may move a grey level
+    assert np.abs(out.astype(int) - a.astype(int)).max() <= tol
+
+
+def test_tensor_gray_chw():
+    t = torch.arange(12, dtype=torch.uint8).view(1, 3, 4)
+    out = io.load_image(t)
+    assert out.shape == (3, 4, 3) and np.array_equal(out[:, :, 2], t[0].numpy())
+
+
+@pytest.mark.parametrize(
+    "obj,exc,match",
+    [
+        (np.zeros((4, 4, 2), np.uint8), ValueError, "C = 1, 3 or 4"),
+        (np.zeros((4,), np.uint8), ValueError, "H x W"),
+        (np.zeros((0, 4, 3), np.uint8), ValueError, "empty"),
+        (np.zeros((4, 4, 3), np.int64), TypeError, "unsupported dtype"),
+        (np.zeros((4, 4, 3), bool), TypeError, "unsupported dtype"),
+        (np.full((4, 4, 3), 2.0, np.float32), ValueError, r"\[0, 1\]"),
+        (np.full((4, 4, 3), np.nan, np.float32), ValueError, "NaN"),
+        (torch.zeros(2, 3, 4, 4), ValueError, "single image"),
+        ([[1, 2]], TypeError, "expected a file path, PIL.Image"),
+        (None, TypeError, "NoneType"),
+    ],
+    ids=["2ch", "1d", "empty", "int64", "bool", "float>1", "nan", "batch2", "list", "none"],
+)
+def test_bad_arrays(obj, exc, match):
+    with pytest.raises(exc, match=match):
+        io.load_image(obj)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def test_load_from_path_str_and_pathlike(tmp_path):
+    a = _rgb(8, 6)
+    p = tmp_path / "x.png"
+    Image.fromarray(a).save(p)
+    assert np.array_equal(io.load_image(p), a) and np.array_equal(io.load_image(str(p)), a)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        io.load_image(tmp_path / "nope.png")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(io.ImageLoadError, match="directory"):
+        io.load_image(tmp_path)
+
+
+def test_non_image_file(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("hello, not an image")
+    with pytest.raises(io.ImageLoadError, match="notes.jpg.*not an image"):
+        io.load_image(p)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file(tmp_path, fmt):
+    p = tmp_path / f"full.{fmt.lower()}"
+    Image.fromarray(_rgb(64, 64)).save(p, format=fmt)
+    data = p.read_bytes()
+    q = tmp_path / f"cut.{fmt.lower()}"
+    q.write_bytes(data[: len(data) // 2])
+    with pytest.raises(io.ImageLoadError, match=f"cut.{fmt.lower()}"):
+        io.load_image(q)
+
+
+def test_pixel_limit(tmp_path):
+    p = tmp_path / "big.png"
+    Image.fromarray(_rgb(100, 100)).save(p)
+    with pytest.raises(io.ImageTooLargeError, match="10,000 pixels.*5,000"):
+        io.load_image(p, max_pixels=5000)
+    with pytest.raises(io.ImageTooLargeError, match="limit"):
+        io.load_image(_rgb(100, 100), max_pixels=5000)
+    with pytest.raises(io.ImageTooLargeError):
+        io.load_image(Image.fromarray(_rgb(100, 100)), max_pixels=5000)
+    assert io.load_image(p, max_pixels=10_000).shape == (100, 100, 3)
+    assert issubclass(io.ImageTooLargeError, ValueError)
+
+
+def test_pillow_decompression_bomb_reported_clearly(tmp_path, monkeypatch):
+    p = tmp_path / "bomb.png"
+    Image.fromarray(_rgb(100, 100)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow errors above 2x this
+    with pytest.raises(io.ImageTooLargeError, match="bomb.png"):
+        io.load_image(p, max_pixels=None)
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+def test_voc_palette_known_entries():
+    pal = io.voc_palette()
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    known = {
+        0: (0, 0, 0),
+        1: (128, 0, 0),
+        2: (0, 128, 0),
+        3: (128, 128, 0),
+        4: (0, 0, 128),
+        8: (64, 0, 0),
+        15: (192, 128, 128),
+        20: (0, 64, 128),
+        255: (224, 224, 192),
+    }
+    for i, c in known.items():
+        assert tuple(pal[i]) == c, i
+    assert len({tuple(c) for c in pal}) == 256
+
+
+def test_save_mask_palette_png(tmp_path):
+    labels = torch.tensor([[0, 1, 2], [20, 170, 255]])
+    p = io.save_mask(tmp_path / "m.png", labels)
+    with Image.open(p) as im:
+        assert im.mode == "P"
+        assert np.array_equal(np.asarray(im), labels.numpy())
+        assert im.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
+    assert [f.name for f in tmp_path.iterdir()] == ["m.png"]
+
+
+@pytest.mark.parametrize(
+    "labels,path,match",
+    [
+        (np.array([[0, 256]]), "m.png", r"\[0, 255\]"),
+        (np.array([[-1, 0]]), "m.png", r"\[0, 255\]"),
+        (np.zeros((2, 2, 2), int), "m.png", "H x W"),
+        (np.zeros((2, 2), np.float32), "m.png", "integers"),
+        (np.zeros((2, 2), int), "m.jpg", ".png"),
+    ],
+    ids=["256", "negative", "3d", "float", "jpg"],
+)
+def test_save_mask_errors(tmp_path, labels, path, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        io.save_mask(tmp_path / path, labels)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_save_overlay_with_legend(tmp_path, ext):
+    img = _rgb(40, 60)
+    labels = np.zeros((40, 60), int)
+    labels[:, 30:] = 2
+    p = io.save_overlay(tmp_path / f"o{ext}", img, labels, ["background", "cat", "a rather long class name"])
+    with Image.open(p) as im:
+        assert im.size[0] == 60 and im.size[1] > 40  # legend strip below the image
+        out = np.asarray(im.convert("RGB"))
+    if ext == ".png":
+        pal = io.voc_palette()
+        blend = (img * 0.5 + pal[labels] * 0.5 + 0.5).astype(np.uint8)
+        assert np.abs(out[:40].astype(int) - blend.astype(int)).max() <= 1
+        assert (out[40:] != 255).any()  # something drawn in the legend
+
+
+def test_overlay_legend_wraps_many_classes():
+    names = [f"class number {i}" for i in range(30)]
+    labels = np.arange(30).repeat(2).reshape(6, 10)
+    canvas = io.render_overlay(_rgb(6, 10), labels, names)
+    assert canvas.size[0] == 10 and canvas.size[1] > 6 + 30 * 10  # one legend row per class at this width
+
+
+def test_save_overlay_errors(tmp_path):
+    with pytest.raises(ValueError, match="extension"):
+        io.save_overlay(tmp_path / "o.xyz", _rgb(), np.zeros((5, 7), int), ["a"])
+    with pytest.raises(ValueError, match="does not match"):
+        io.save_overlay(tmp_path / "o.png", _rgb(), np.zeros((4, 7), int), ["a"])
+    with pytest.raises(ValueError, match="alpha"):
+        io.save_overlay(tmp_path / "o.png", _rgb(), np.zeros((5, 7), int), ["a"], alpha=2)
+
+
+def test_save_probs_npy(tmp_path):
+    probs = torch.rand(3, 4, 5, dtype=torch.float64)
+    p = io.save_probs(tmp_path / "p.npy", probs)
+    back = np.load(p)
+    assert back.dtype == np.float32 and np.allclose(back, probs.numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match=".npy"):
+        io.save_probs(tmp_path / "p.bin", probs)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.npy"]
+
+
+def test_atomic_write_replaces_and_cleans_up_on_failure(tmp_path):
+    dest = tmp_path / "out.bin"
+    io.atomic_write(dest, lambda f: f.write(b"first"))
+    assert dest.read_bytes() == b"first"
+
+    def failing(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full (simulated)")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.atomic_write(dest, failing)
+    assert dest.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    io.atomic_write(dest, lambda f: f.write(b"second"))
+    assert dest.read_bytes() == b"second"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        io.atomic_write(tmp_path / "missing" / "x.bin", lambda f: f.write(b""))
+
+
+def test_writers_never_overwrite_input(tmp_path):
+    src = tmp_path / "photo.png"
+    Image.fromarray(_rgb()).save(src)
+    before = src.read_bytes()
+    labels = np.zeros((5, 7), int)
+    with pytest.raises(ValueError, match="refusing to overwrite the input"):
+        io.save_mask(src, labels, protect=[src])
+    with pytest.raises(ValueError, match="refusing"):
+        io.save_overlay(tmp_path / "." / "photo.png", _rgb(), labels, ["a"], protect=[str(src)])
+    link = tmp_path / "alias.png"
+    os.link(src, link)  # same file under another name
+    with pytest.raises(ValueError, match="refusing"):
+        io.save_mask(link, labels, protect=[src])
+    assert src.read_bytes() == before
