@@ -1,0 +1,8 @@
+"""``python -m naclip.eval ...`` = ``naclip eval ...`` (the entry point for ``torchrun -m naclip.eval``)."""
+
+import sys
+
+from naclip.eval.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Evaluation loop: data loading with workers, prediction, per-image histograms, resume log, ranks.
+
+:func:`evaluate` runs a ``predictor`` (``predict(image uint8 [H, W, 3] RGB) -> labels int [H, W]``, at the
+image's original resolution) over a :class:`naclip.eval.datasets.EvalDataset` (or scores the dataset's stored
+predictions when ``predictor`` is None) and returns the dataset-level joint histogram and its metrics.
+
+* **Order**: images are visited in dataset order (``DataLoader`` with ``shuffle=False``; workers only decode).
+* **Resume**: with ``log_dir``, each finished image's histogram is appended to ``log_dir/rank<r>.log`` and
+  fsynced (:mod:`naclip.eval.records`); a later call with the same ``fingerprint`` skips the logged images.
+  The final histogram is the integer sum of the logged and the new per-image histograms: bit-identical to an
+  uninterrupted run, nothing lost or counted twice.
+* **Ranks**: when ``torch.distributed`` is initialised with ``W`` ranks, every rank reads the logs, the images
+  still to do are dealt round-robin (``todo[rank::W]``), and the new histograms are summed with ``all_reduce``
+  (gloo on CPU, NCCL on CUDA); every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from naclip.eval.datasets import EvalDataset
+from naclip.eval.metrics import HIST_SIZE, Metrics, compute_metrics, joint_histogram
+from naclip.eval.records import RecordLog, read_logs, records_to_hist
+
+__all__ = ["EvalOutcome", "Predictor", "evaluate", "select_indices"]
+
+Predictor = Callable[[np.ndarray], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """Result of :func:`evaluate`. ``hist``: ``[256, 256]`` int64 dataset joint histogram over ``indices``;
+    ``resumed``: images taken from the logs; ``processed``: images predicted in this call (all ranks);
+    ``timing``: seconds (``wall``, and this rank's ``data_wait``, ``predict``, ``record``) and
+    ``images_per_s``."""
+
+    hist: torch.Tensor
+    metrics: Metrics
+    indices: tuple[int, ...]
+    resumed: int
+    processed: int
+    torn_bytes: int
+    timing: dict = field(default_factory=dict)
+
+
+def select_indices(n: int, limit: int | None) -> list[int]:
+    """The first ``limit`` indices of ``range(n)`` (all when ``limit`` is None)."""
+    if limit is None:
+        return list(range(n))
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    return list(range(min(n, limit)))
+
+
+def _first(batch: list[dict]) -> dict:
+    return batch[0]
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(hist: torch.Tensor) -> torch.Tensor:
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = hist.to(device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def _as_label_tensor(pred: object, shape: tuple[int, int], sample_id: str) -> torch.Tensor:
+    if isinstance(pred, np.ndarray):
+        pred = torch.from_numpy(pred)
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"predictor must return a tensor or ndarray of labels, got {type(pred).__name__}")
+    if tuple(pred.shape) != tuple(shape):
+        raise ValueError(
+            f"prediction for image {sample_id!r} has shape {tuple(pred.shape)}; "
+            f"expected the label's {tuple(shape)}"
+        )
+    return pred
+
+
+def evaluate(
+    dataset: EvalDataset,
+    predictor: Predictor | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    log_dir: str | Path | None = None,
+    fingerprint: dict | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    progress_desc: str | None = None,
+    on_prediction: Callable[[dict, torch.Tensor], None] | None = None,
+) -> EvalOutcome:
+    """Evaluate ``predictor`` on ``dataset[indices]`` (all images by default); see the module docstring.
+
+    Args:
+        dataset: the benchmark split.
+        predictor: ``f(image uint8 [H, W, 3]) -> int labels [H, W]``; None scores ``item["pred"]`` (dataset
+            built with ``pred_dir``).
+        indices: dataset indices to evaluate (e.g. :func:`select_indices` for ``--limit``).
+        log_dir: folder for the resumable progress logs; None disables resuming.
+        fingerprint: JSON-able dict identifying the run (dataset, model, settings); required with ``log_dir``.
+            Logs with a different fingerprint are refused (ValueError naming the differing keys).
+        num_workers: DataLoader worker processes (0 = load in this process).
+        progress: show a tqdm bar (images/s, ETA, running mIoU) on rank 0's stderr.
+        on_prediction: called as ``on_prediction(item, labels)`` after each prediction, before the image is
+            logged as done (e.g. to save the predicted label map).
+    """
+    if predictor is None and dataset.pred_paths is None:
+        raise ValueError("predictor is None but the dataset has no pred_dir: nothing to score")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    n = len(dataset)
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"indices must lie in 0..{n - 1}, got e.g. {bad[:3]}")
+    if len(set(idx)) != len(idx):
+        raise ValueError("indices must not repeat")
+    if log_dir is not None and fingerprint is None:
+        raise ValueError("fingerprint is required when log_dir is given")
+    rank, world = _dist_info()
+    t_start = time.perf_counter()
+
+    done: dict = {}
+    torn = 0
+    if log_dir is not None:
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        done, torn = read_logs(list(log_dir.glob("rank*.log")), fingerprint)
+    selected = set(idx)
+    resumed_idx = [i for i in idx if i in done]
+    prev_hist = records_to_hist(done, resumed_idx)
+    todo = [i for i in idx if i not in done]
+    if world > 1:
+        dist.barrier()  # every rank has read the logs before anyone appends
+    mine = todo[rank::world]
+
+    log = RecordLog(log_dir / f"rank{rank}.log", fingerprint) if log_dir is not None else None
+    local = torch.zeros(HIST_SIZE, HIST_SIZE, dtype=torch.int64)
+    c = dataset.num_classes
+    t_data = t_pred = t_rec = 0.0
+    loader = DataLoader(
+        Subset(dataset, mine),
+        batch_size=1,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_first,
+        persistent_workers=False,
+    )
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc=progress_desc or dataset.name, unit="img", dynamic_ncols=True)
+        if resumed_idx:
+            bar.write(f"resuming: {len(resumed_idx)} of {len(idx)} images already done", file=sys.stderr)
+    try:
+        t0 = time.perf_counter()
+        for item in loader:
+            t1 = time.perf_counter()
+            label = item["label"]
+            if predictor is None:
+                pred = torch.from_numpy(item["pred"])
+            else:
+                pred = _as_label_tensor(predictor(item["image"]), label.shape, item["id"])
+            if on_prediction is not None:
+                on_prediction(item, pred)
+            t2 = time.perf_counter()
+            h = joint_histogram(label, pred)
+            if log is not None:
+                log.append(item["index"], h)
+            local += h
+            t3 = time.perf_counter()
+            t_data, t_pred, t_rec = t_data + (t1 - t0), t_pred + (t2 - t1), t_rec + (t3 - t2)
+            if bar is not None:
+                bar.update(1)
+                m = compute_metrics(prev_hist + local, c)
+                bar.set_postfix_str(
+                    f"mIoU {100 * m.miou:.2f}" + (f" (rank 0 of {world})" if world > 1 else "")
+                )
+            t0 = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    processed = len(mine)
+    new_hist = local
+    if world > 1:
+        new_hist = _all_reduce_sum(local)
+        counts = torch.tensor([processed], dtype=torch.int64)
+        processed = int(_all_reduce_sum(counts.reshape(1, 1)).item())
+    hist = prev_hist + new_hist
+    if log_dir is not None and rank == 0:
+        # Cross-check: the logs now hold exactly the selected images, and they sum to the same histogram.
+        if world > 1:
+            dist.barrier()
+        recs, _ = read_logs(list(log_dir.glob("rank*.log")), fingerprint)
+        missing = selected - recs.keys()
+        if missing or not torch.equal(records_to_hist(recs, idx), hist):
+            raise RuntimeError(
+                f"progress logs in {log_dir} disagree with the in-memory result "
+                f"({len(missing)} selected images not logged); the folder was modified during the run"
+            )
+    elif log_dir is not None and world > 1:
+        dist.barrier()
+    wall = time.perf_counter() - t_start
+    timing = {
+        "wall_s": wall,
+        "data_wait_s": t_data,
+        "predict_s": t_pred,
+        "record_s": t_rec,
+        "images_per_s": (len(mine) / (t_data + t_pred + t_rec)) if mine else None,
+    }
+    return EvalOutcome(
+        hist=hist,
+        metrics=compute_metrics(hist, c),
+        indices=tuple(idx),
+        resumed=len(resumed_idx),
+        processed=processed,
+        torn_bytes=torn,
+        timing=timing,
+    )

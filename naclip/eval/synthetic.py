@@ -1,0 +1,150 @@
+"""Tiny synthetic datasets in the 8 on-disk layouts (for tests, benchmarks and checking an installation).
+
+:func:`make_synthetic_dataset` writes random RGB images and label maps with known contents in exactly the
+layout :class:`naclip.eval.datasets.EvalDataset` reads (split files included), using the *stored* label
+conventions of each benchmark (e.g. VOC20 files hold 0 = background, which the reader maps to 255). Labels are
+random blocks of class ids plus a few ignore (255) pixels. The returned dict maps sample id -> stored label
+array, so tests can derive the expected ground truth independently of the reader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from naclip.eval.datasets import DATASETS, canonical_dataset_name
+
+__all__ = ["make_synthetic_dataset", "STORED_VALUE_RANGE"]
+
+#: Valid stored label values (inclusive) per dataset, before the reader's conversion (255 = ignore aside).
+STORED_VALUE_RANGE = {
+    "voc21": (0, 20),
+    "voc20": (0, 20),
+    "context60": (0, 59),
+    "context59": (0, 59),
+    "coco_object": (0, 80),
+    "coco_stuff": (0, 170),
+    "cityscapes": (0, 18),
+    "ade20k": (0, 150),
+}
+
+_VOC_PALETTE = None
+
+
+def _voc_palette() -> list[int]:
+    global _VOC_PALETTE
+    if _VOC_PALETTE is None:
+        pal = []
+        for i in range(256):
+            r = g = b = 0
+            c = i
+            for j in range(8):
+                r |= ((c >> 0) & 1) << (7 - j)
+                g |= ((c >> 1) & 1) << (7 - j)
+                b |= ((c >> 2) & 1) << (7 - j)
+                c >>= 3
+            pal += [r, g, b]
+        _VOC_PALETTE = pal
+    return _VOC_PALETTE
+
+
+def _blocks(rng: np.random.Generator, h: int, w: int, lo: int, hi: int, ignore_frac: float) -> np.ndarray:
+    """Random rectangles of class ids in lo..hi on a random background, plus ~ignore_frac pixels of 255."""
+    lab = np.full((h, w), rng.integers(lo, hi + 1), dtype=np.uint8)
+    for _ in range(int(rng.integers(2, 6))):
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        lab[y0:y1, x0:x1] = rng.integers(lo, hi + 1)
+    if ignore_frac > 0:
+        lab[rng.random((h, w)) < ignore_frac] = 255
+    return lab
+
+
+def _save_png(arr: np.ndarray, path: Path, palette: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
+    if palette:
+        im.putpalette(_voc_palette())  # 'L' -> 'P', indices unchanged
+    tmp = path.with_name(path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _save_image(arr: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(tmp, format=fmt, quality=95)
+    os.replace(tmp, path)
+
+
+def make_synthetic_dataset(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    num_images: int = 4,
+    sizes: list[tuple[int, int]] | None = None,
+    seed: int = 0,
+    ignore_frac: float = 0.02,
+    wrap: bool = False,
+) -> dict[str, np.ndarray]:
+    """Write a synthetic ``name`` dataset (val split) under ``root``; return ``{sample id: stored label}``.
+
+    Args:
+        name: dataset key or alias (see :data:`naclip.eval.datasets.DATASETS`).
+        root: output folder (the dataset root you pass to ``naclip eval --root``).
+        num_images: number of images (Cityscapes ones are spread over two cities).
+        sizes: ``(H, W)`` per image, cycled; default a few small non-square sizes.
+        seed: RNG seed (contents are a pure function of the arguments).
+        ignore_frac: fraction of pixels set to 255 in the stored labels.
+        wrap: put the dataset in its usual sub-folder (``VOCdevkit/VOC2012`` ...) below ``root``.
+
+    COCO-Object is written as COCO-Stuff ``_labelTrainIds.png`` maps plus the derived
+    ``_instanceTrainIds.png`` (things -> 1..80, stuff and 255 -> 0); the returned labels are the
+    ``_instanceTrainIds`` contents.
+    """
+    key = canonical_dataset_name(name)
+    spec = DATASETS[key]
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    sizes = sizes or [(40, 56), (48, 36), (33, 47)]
+    rng = np.random.default_rng(seed)
+    base = Path(root)
+    if wrap:
+        base = base / spec.root_candidates[-1]
+    sp = spec.split_name("val")
+    img_dir = base / spec.img_dir.format(split=sp)
+    ann_dir = base / spec.ann_dir.format(split=sp)
+    lo, hi = STORED_VALUE_RANGE[key]
+    out: dict[str, np.ndarray] = {}
+    ids = []
+    for i in range(num_images):
+        h, w = sizes[i % len(sizes)]
+        if key == "cityscapes":
+            city = ("aachen", "bochum")[i % 2]
+            sid = f"{city}/{city}_{i:06d}_000019"
+        elif key.startswith("coco"):
+            sid = f"{i:012d}"
+        elif key == "ade20k":
+            sid = f"ADE_val_{i:08d}"
+        else:
+            sid = f"2008_{i:06d}"
+        ids.append(sid)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        _save_image(image, img_dir / (sid + spec.img_suffix))
+        if key == "coco_object":
+            stuff = _blocks(rng, h, w, 0, 170, ignore_frac)
+            _save_png(stuff, ann_dir / f"{sid}_labelTrainIds.png", palette=False)
+            lab = np.where(stuff < 80, stuff + 1, 0).astype(np.uint8)
+        else:
+            lab = _blocks(rng, h, w, lo, hi, ignore_frac)
+        _save_png(lab, ann_dir / (sid + spec.seg_suffix), palette=key.startswith(("voc", "context")))
+        out[sid] = lab
+    if spec.split_file is not None:
+        split_path = base / spec.split_file.format(split="val")
+        split_path.parent.mkdir(parents=True, exist_ok=True)
+        split_path.write_text("".join(f"{s}\n" for s in ids))
+    return out
