@@ -1,0 +1,263 @@
+"""``naclip segment`` end to end with a tiny random open_clip CLIP (model config + checkpoint made in tmp)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from naclip import cli
+from naclip.cli import main
+
+TINY = "naclip-test-tiny"  # an open_clip model config registered from a JSON file (no weights download)
+TINY_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``{"config": JSON path, "checkpoint": random-weights state dict path}`` of the tiny CLIP."""
+    import open_clip
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    cfg = d / f"{TINY}.json"
+    cfg.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    ckpt = d / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    return {"config": str(cfg), "checkpoint": str(ckpt)}
+
+
+def _image(path: Path, h: int = 48, w: int = 72, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _args(tiny: dict, *extra: str) -> list[str]:
+    return [
+        "--model-config", tiny["config"], "--model", TINY, "--checkpoint", tiny["checkpoint"],
+        "--short-side", "48", "--no-progress", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _segment(tiny: dict, inputs: list, out: Path, *extra: str) -> int:
+    return main(["segment", *map(str, inputs), "--out", str(out), *_args(tiny, *extra)])
+
+
+# ---------------------------------------------------------------------------------------------- happy path
+
+
+def test_writes_mask_overlay_probs(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.png", 48, 72, 1)
+    _image(src / "b.jpg", 60, 40, 2)
+    (src / "notes.txt").write_text("not an image; skipped by the directory scan")
+    out = tmp_path / "out"
+    rc = _segment(tiny, [src], out, "--classes", "sky, cloud; tree; person", "--probs", "--mode", "slide")
+    assert rc == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{s}_{k}" for s in "ab" for k in ("mask.png", "overlay.png", "probs.npy"))
+    for stem, (h, w) in {"a": (48, 72), "b": (60, 40)}.items():
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.mode == "P" and mask.size == (w, h)
+        assert int(np.asarray(mask).max()) < 3
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.size[0] == w and overlay.size[1] > h  # legend strip below the image
+        probs = np.load(out / f"{stem}_probs.npy")
+        assert probs.shape == (3, h, w) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(probs.argmax(0), np.asarray(mask))
+    err = capsys.readouterr().err
+    assert "2 of 2 image(s) segmented" in err
+
+
+def test_classes_file_equals_classes_string(tiny: dict, tmp_path: Path) -> None:
+    """Same classes from a file (official format, trailing newline) and on the command line, on two attention
+    backends: the same probabilities."""
+    img = _image(tmp_path / "x.png")
+    f = tmp_path / "classes.txt"
+    f.write_text("sky, cloud\ntree\nperson\n")
+    assert _segment(tiny, [img], tmp_path / "o1", "--classes", "sky, cloud; tree; person", "--probs") == 0
+    rc = _segment(tiny, [img], tmp_path / "o2", "--classes-file", str(f), "--probs", "--backend", "reference")
+    assert rc == 0
+    p1, p2 = np.load(tmp_path / "o1/x_probs.npy"), np.load(tmp_path / "o2/x_probs.npy")
+    assert p1.shape == (3, 48, 72)
+    np.testing.assert_allclose(p1, p2, atol=1e-5, rtol=1e-5)
+
+
+def test_preset_and_overrides(tiny: dict, tmp_path: Path) -> None:
+    img = _image(tmp_path / "x.png")
+    rc = _segment(tiny, [img], tmp_path / "o", "--preset", "voc21", "--no-pamr", "--no-overlay", "--probs")
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x_mask.png", "x_probs.npy"]
+    assert np.load(tmp_path / "o/x_probs.npy").shape[0] == 21
+
+
+def test_same_stem_inputs_get_distinct_outputs(tiny: dict, tmp_path: Path) -> None:
+    a, b = _image(tmp_path / "p.png", seed=1), _image(tmp_path / "p.jpg", seed=2)
+    assert _segment(tiny, [a, b, a], tmp_path / "o", "--classes", "a; b", "--no-overlay") == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["p_jpg_mask.png", "p_png_mask.png"]
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        pytest.param("sky;; tree", "empty", id="empty-class"),
+        pytest.param("cat; dog; cat", "duplicate", id="duplicate"),
+        pytest.param("sky, ; tree", "empty", id="empty-synonym"),
+        pytest.param("", "at least one class", id="empty-list"),
+    ],
+)
+def test_bad_classes_are_one_line_errors(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture, classes: str, message: str
+) -> None:
+    img = _image(tmp_path / "x.png")
+    assert _segment(tiny, [img], tmp_path / "o", "--classes", classes) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --classes: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing is written before the classes are valid
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["--preset", "voc99"], "unknown preset 'voc99'", id="unknown-preset"),
+        pytest.param(["--classes", "a", "--method", "magic"], "strategy must be one of", id="unknown-method"),
+        pytest.param(
+            ["--classes", "a", "--classes-file", "/nonexistent"], "not allowed with", id="two-sources"
+        ),
+        pytest.param(["--classes-file", "/nonexistent/c.txt"], "does not exist", id="missing-classes-file"),
+    ],
+)
+def test_usage_errors(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture, argv, message) -> None:
+    img = _image(tmp_path / "x.png")
+    assert _segment(tiny, [img], tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_input_and_version(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["segment", str(tmp_path / "missing.jpg"), "--classes", "a", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("naclip ")
+
+
+def test_bad_file_among_good_files(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "good1.png", seed=1)
+    _image(src / "good2.jpg", seed=2)
+    (src / "fake.png").write_bytes(b"this is not a PNG")
+    data = (src / "good2.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    rc = _segment(tiny, [src], tmp_path / "out", "--classes", "a; b")
+    assert rc == 1
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["good1_mask.png", "good1_overlay.png", "good2_mask.png", "good2_overlay.png"]
+    err = capsys.readouterr().err
+    assert "2 of 4 image(s) segmented" in err and "2 failed:" in err
+    assert "fake.png" in err and "truncated.jpg" in err and "Traceback" not in err
+
+
+def test_max_pixels(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the limit applies to the file (64x64 = 4096 px) and the resized model input (40x40 -> 48x48 = 2304 px)
+    small, big = _image(tmp_path / "small.png", 40, 40), _image(tmp_path / "big.png", 64, 64)
+    assert _segment(tiny, [small, big], tmp_path / "o", "--classes", "a; b", "--max-pixels", "3000") == 1
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["small_mask.png", "small_overlay.png"]
+    assert "big.png" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ file safety
+
+
+def test_never_overwrites_an_input(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a = _image(tmp_path / "a.png", seed=1)
+    victim = _image(tmp_path / "a_mask.png", seed=2)  # an input named like a's output, in the output dir
+    before = victim.read_bytes()
+    assert _segment(tiny, [a, victim], tmp_path, "--classes", "a; b") == 2
+    err = capsys.readouterr().err
+    assert "would overwrite an input" in err and "a_mask.png" in err
+    assert victim.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_mask.png"]
+
+
+def test_rerun_into_the_input_directory_skips_earlier_outputs(tiny: dict, tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    assert _segment(tiny, [tmp_path], tmp_path, "--classes", "a; b") == 0
+    first = (tmp_path / "a_mask.png").read_bytes()
+    assert _segment(tiny, [tmp_path], tmp_path, "--classes", "a; b") == 0  # a_mask/a_overlay are not inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_mask.png", "a_overlay.png"]
+    assert (tmp_path / "a_mask.png").read_bytes() == first
+
+
+def test_outputs_are_atomic(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A writer that dies half-way leaves neither a partial file nor a temporary file behind."""
+    img = _image(tmp_path / "x.png")
+    out = tmp_path / "o"
+    real_save = Image.Image.save
+
+    def dying_save(self, fp, format=None, **kw):  # noqa: A002 - PIL's signature
+        if format == "PNG" and self.mode == "RGB":  # the overlay (the mask is a palette image)
+            fp.write(b"\x89PNG partial")
+            raise OSError("disk full")
+        return real_save(self, fp, format, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    assert _segment(tiny, [img], out, "--classes", "a; b") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["x_mask.png"]
+    assert "disk full" in capsys.readouterr().err
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert Image.open(out / "x_mask.png").size == (72, 48)
+
+
+# ------------------------------------------------------------------------------------------------- offline
+
+
+def test_offline_weights_error_is_one_clear_message(tmp_path: Path) -> None:
+    """``python -m naclip``, no cached ViT-B-16/openai weights, HF_HUB_OFFLINE=1: exit 2, fast, one line."""
+    img = _image(tmp_path / "x.png")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "c")
+    )
+    env.pop("NACLIP_CHECKPOINT", None)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "naclip", "segment", str(img), "--classes", "a; b",
+         "--out", str(tmp_path / "o"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "ViT-B-16" in err and "openai" in err and "--checkpoint" in err and "NACLIP_CHECKPOINT" in err
+    assert elapsed < 60
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_and_score_are_registered() -> None:
+    eval_cli = pytest.importorskip("naclip.eval.cli", reason="naclip.eval.cli not installed")
+    assert eval_cli is not None
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"segment", "eval", "score"} <= set(sub.choices)
