@@ -8,8 +8,13 @@ the tower's modules:
    ``class_embedding``.
 2. ``+`` positional embedding: the stored one if ``T = 1 + gh*gw`` equals the pretrained token count,
    otherwise :meth:`NaclipVisual.interpolate_pos_embed` (the official ``(g + 0.1) / g0`` bicubic rule).
-3. ``patch_dropout`` is never applied (inference); ``ln_pre`` and blocks ``0 .. L-2`` are open_clip's own
-   modules, called unchanged (in the layout the transformer's ``batch_first`` setting asks for).
+3. ``patch_dropout`` is never applied (inference); ``ln_pre`` is open_clip's own module. Blocks ``0 .. L-2``
+   run :func:`_sdpa_block_forward` - the block's own math on its own parameters with
+   ``F.scaled_dot_product_attention`` (no ``T x T`` attention matrix: open_clip's
+   ``nn.MultiheadAttention`` fast path materialises it on CPU: 1.4 GB peak per ViT-B block at 4097 tokens,
+   and one ``[12, T, T]`` fp32 buffer alone is 12.9 GB at 16385) - or, for a block with options that path
+   does not reproduce (:func:`_sdpa_unsupported_reasons`), the block's own ``forward``
+   (in the layout the transformer's ``batch_first`` setting asks for).
 4. The last block per ``arch`` with the attention ``strategy`` (:mod:`naclip.strategies`):
    ``reduced``: ``x_out = ls_1(out_proj(attn(ln_1(x))))`` (no residual, no MLP);
    ``vanilla``: ``x = x + ls_1(out_proj(attn(ln_1(x))))``; ``x_out = x + ls_2(mlp(ln_2(x)))``.
@@ -27,7 +32,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import Attention, VisionTransformer
+from open_clip.transformer import (
+    Attention,
+    CustomResidualAttentionBlock,
+    LayerScale,
+    ResidualAttentionBlock,
+    VisionTransformer,
+)
 from torch import Tensor, nn
 
 from naclip.strategies import get_strategy, validate_config
@@ -81,6 +92,98 @@ def _check_last_block(block: nn.Module) -> None:
         getattr(attn, "out_proj", None), nn.Linear
     ):
         raise ValueError(f"{where}.attn lacks in_proj_weight / out_proj")
+
+
+def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
+    """Why :func:`_sdpa_block_forward` cannot stand in for ``block.forward`` exactly (``[]`` when it can).
+
+    The SDPA path reproduces exactly open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``
+    with packed ``in_proj``) and ``CustomResidualAttentionBlock`` (open_clip ``Attention``) as used by a
+    ``VisionTransformer`` (no attention mask). Anything else takes the block's own forward, for one of
+    these reasons:
+
+    * another block class (a subclass may override ``forward``), or forward hooks on the block (they
+      would be skipped);
+    * cross-attention (``ln_1_kv``); an ``ln_attn`` norm after attention (``scale_attn``);
+    * ``nn.MultiheadAttention`` with separate q/k/v projections, ``add_bias_kv`` or ``add_zero_attn``;
+    * open_clip ``Attention`` with scaled cosine attention (``logit_scale``), ``qk_norm``, per-head
+      scaling (``head_scale``) or an inner norm (``ln_inner``);
+    * ``ls_1`` / ``ls_2`` that are neither ``nn.Identity`` nor open_clip ``LayerScale``;
+    * attention dropout ``> 0`` in training mode; non-tensor (e.g. quantised) projection weights.
+    """
+    reasons: list[str] = []
+    kind = type(block)
+    if kind not in (ResidualAttentionBlock, CustomResidualAttentionBlock):
+        name = f"{kind.__module__}.{kind.__name__}"
+        return [f"block class {name} is not open_clip's (Custom)ResidualAttentionBlock"]
+    if block._forward_hooks or block._forward_pre_hooks:
+        reasons.append("forward hooks are registered on the block")
+    if hasattr(block, "ln_1_kv"):
+        reasons.append("cross-attention block (ln_1_kv)")
+    if not _is_identity(getattr(block, "ln_attn", None)):
+        reasons.append("ln_attn norm after attention (scale_attn)")
+    for name in ("ls_1", "ls_2"):
+        ls = getattr(block, name, None)
+        if not (_is_identity(ls) or type(ls) is LayerScale):
+            reasons.append(f"{name} is a {type(ls).__name__}, not nn.Identity / open_clip LayerScale")
+    attn = block.attn
+    if isinstance(attn, nn.MultiheadAttention):
+        if not attn._qkv_same_embed_dim:
+            reasons.append("nn.MultiheadAttention with separate q/k/v projections")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            reasons.append("nn.MultiheadAttention with add_bias_kv / add_zero_attn")
+        if block.training and attn.dropout > 0:
+            reasons.append("attention dropout in training mode")
+    elif isinstance(attn, Attention):
+        if attn.logit_scale is not None:
+            reasons.append("scaled cosine attention (logit_scale)")
+        if not _is_identity(attn.ln_q) or not _is_identity(attn.ln_k):
+            reasons.append("qk_norm (ln_q / ln_k)")
+        if attn.head_scale is not None:
+            reasons.append("per-head scaling (head_scale)")
+        if not _is_identity(attn.ln_inner):
+            reasons.append("inner norm (ln_inner)")
+        if block.training and (attn.attn_drop.p > 0 or attn.out_drop.p > 0):
+            reasons.append("attention dropout in training mode")
+    else:
+        reasons.append(f"attention is a {type(attn).__name__}")
+        return reasons
+    weight, bias = getattr(attn, "in_proj_weight", None), getattr(attn, "in_proj_bias", None)
+    if not isinstance(weight, Tensor) or not (bias is None or isinstance(bias, Tensor)):
+        reasons.append("in_proj_weight / in_proj_bias are not plain tensors")
+    elif weight.ndim != 2 or weight.shape[0] != 3 * weight.shape[1] or weight.shape[1] % attn.num_heads:
+        reasons.append(f"in_proj_weight has shape {tuple(weight.shape)}, not [3E, E] with E % heads == 0")
+    if not isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        reasons.append("out_proj is not an nn.Linear")
+    return reasons
+
+
+def _sdpa_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """One pre-LN CLIP block on batch-first tokens ``x`` ``[B, T, E]`` -> ``[B, T, E]`` (same dtype).
+
+    Exactly the block's own math, on its own parameters (only for blocks where
+    :func:`_sdpa_unsupported_reasons` is empty)::
+
+        y = ln_1(x); [q | k | v] = y @ in_proj_weight.T + in_proj_bias   # [B, T, 3E], heads h*D + j
+        a = softmax(q k^T / sqrt(D)) v per head                             # F.scaled_dot_product_attention
+        x = x + ls_1(out_proj(a));  x = x + ls_2(mlp(ln_2(x)))
+
+    q, k, v are strided ``[B, H, T, D]`` views of the one ``in_proj`` output (no copies). On CPU SDPA runs
+    its flash kernel (tiled online softmax), so no ``T x T`` buffer exists; memory is ``O(T*E)`` apart from
+    the MLP hidden ``[B, T, mlp_width]``. Prefix (CLS) tokens are ordinary tokens here, as in open_clip.
+    """
+    attn = block.attn
+    b, t, e = x.shape
+    h = int(attn.num_heads)
+    d = e // h
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, T, 3E]
+    q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D], strided views
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, D]
+    del qkv, q, k, v
+    out = attn.out_proj(out.transpose(1, 2).reshape(b, t, e))  # merge heads: channel h*D + j
+    x = x + block.ls_1(out)
+    del out
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class NaclipVisual(nn.Module):
@@ -301,14 +404,16 @@ class NaclipVisual(nn.Module):
         return v.ln_pre(x), (gh, gw)
 
     def _run_blocks(self, x: Tensor) -> Tensor:
+        """Blocks ``0 .. L-2`` on batch-first ``x`` ``[B, T, E]``: the SDPA path where exact, else stock."""
         transformer = self.visual.transformer
         batch_first = getattr(transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)  # NLD -> LND, as open_clip's Transformer does for batch_first=False
         for block in transformer.resblocks[:-1]:
-            x = block(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
+            if not _sdpa_unsupported_reasons(block):
+                x = _sdpa_block_forward(block, x)
+            elif batch_first:
+                x = block(x)
+            else:  # NLD -> LND for the block, as open_clip's Transformer does for batch_first=False
+                x = block(x.transpose(0, 1)).transpose(0, 1)
         return x
 
     def last_block_input(self, images: Tensor) -> Tensor:

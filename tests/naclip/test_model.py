@@ -470,3 +470,136 @@ def test_random_open_clip_vit_b16_nonsquare():
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(images)[:, 0], clip.encode_image(images), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ blocks 0 .. L-2 through SDPA
+def _random_block(kind: str) -> torch.nn.Module:
+    """A ViT-B-16-sized open_clip block (width 768, 12 heads, MLP 3072, QuickGELU) with random biases."""
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    torch.manual_seed(11)
+    if kind == "custom":
+        block = CustomResidualAttentionBlock(768, 12, 4.0, act_layer=QuickGELU)
+    else:
+        block = ResidualAttentionBlock(
+            768,
+            12,
+            4.0,
+            act_layer=QuickGELU,
+            ls_init_value=0.3 if kind == "layerscale" else None,
+            batch_first=kind != "lnd",
+        )
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return block.eval()
+
+
+@pytest.mark.parametrize("kind", ["mha", "lnd", "layerscale", "custom"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_sdpa_block_equals_open_clip_block(kind, grad):
+    # Odd T = 1 + 10*13; B = 2. no_grad exercises nn.MultiheadAttention's native fast path as the reference.
+    from naclip.model import _sdpa_block_forward, _sdpa_unsupported_reasons
+
+    block = _random_block(kind)
+    assert _sdpa_unsupported_reasons(block) == []
+    torch.manual_seed(12)
+    x = torch.randn(2, 131, 768)
+    with torch.set_grad_enabled(grad):
+        ref = block(x.transpose(0, 1)).transpose(0, 1) if kind == "lnd" else block(x)
+        got = _sdpa_block_forward(block, x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_block_passes_strided_views(monkeypatch):
+    from naclip import model as model_mod
+
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q, k, v, args, kw))
+        return original(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
+    block = _random_block("mha")
+    with torch.no_grad():
+        model_mod._sdpa_block_forward(block, torch.randn(1, 37, 768))
+    ((q, k, v, args, kw),) = seen
+    assert q.shape == k.shape == v.shape == (1, 12, 37, 64)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert args == () and kw == {}  # no mask, no dropout, default 1/sqrt(D) scale
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"qk_norm": True}, "qk_norm"),
+        ({"scale_attn": True}, "ln_attn"),
+        ({"scale_heads": True}, "head_scale"),
+        ({"scaled_cosine_attn": True}, "cosine"),
+        ({"scale_attn_inner": True}, "ln_inner"),
+    ],
+    ids=["qk_norm", "scale_attn", "scale_heads", "scaled_cosine", "inner_norm"],
+)
+def test_sdpa_fallback_for_unsupported_block(monkeypatch, kw, match):
+    # Blocks with options the SDPA path does not reproduce run their own forward, with the same result.
+    from open_clip.transformer import CustomTransformer, Transformer
+
+    from naclip.model import _sdpa_unsupported_reasons
+
+    torch.manual_seed(13)
+    visual = VisionTransformer(
+        image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=2.0, output_dim=16
+    ).eval()
+    odd = Transformer(64, 3, 4, mlp_ratio=2.0, block_type="custom", **kw).eval()
+    assert not isinstance(odd, CustomTransformer)
+    visual.transformer.resblocks[0] = odd.resblocks[0]  # only block 0 is unsupported
+    reasons = _sdpa_unsupported_reasons(visual.transformer.resblocks[0])
+    assert len(reasons) == 1 and match in reasons[0]
+    assert _sdpa_unsupported_reasons(visual.transformer.resblocks[1]) == []
+    if "scaled_cosine_attn" in kw:
+        return  # open_clip 3.x's own scaled-cosine forward fails on 4-D q/k (torch.bmm); reasons checked only
+
+    calls = []
+    block_cls = type(odd.resblocks[0])
+    original = block_cls.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(block_cls, "forward", spy)
+    model = NaclipVisual(visual, arch="vanilla", strategy="vanilla", backend="torch")
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        lbi = model.last_block_input(images)
+        x, _ = model._embed(images)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+    assert calls[0] is visual.transformer.resblocks[0]  # the stock path ran for block 0
+    torch.testing.assert_close(lbi, x, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_fallback_for_hooks_and_foreign_blocks(tiny_visual):
+    from naclip.model import _sdpa_unsupported_reasons
+
+    visual = copy.deepcopy(tiny_visual)
+    blocks = visual.transformer.resblocks
+    assert all(_sdpa_unsupported_reasons(b) == [] for b in blocks)
+    seen = []
+    handle = blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    assert "hooks" in _sdpa_unsupported_reasons(blocks[0])[0]
+    with torch.no_grad():
+        NaclipVisual(visual, backend="torch")(torch.randn(1, 3, 224, 240))
+    assert seen == [(1, 1 + 14 * 15, 128)]  # the hook ran: block 0 took its own forward
+    handle.remove()
+
+    class MyBlock(type(blocks[1])):
+        pass
+
+    blocks[1].__class__ = MyBlock
+    assert "not open_clip's" in _sdpa_unsupported_reasons(blocks[1])[0]
