@@ -16,7 +16,9 @@ Plug-in interface used by :mod:`naclip_kernels.api`::
     triton_attention(q, k, v, spec) -> Tensor          # spec: naclip_kernels._checks.AttentionSpec
 
 Hooks for the static resource report (:mod:`naclip_kernels.inspect`): ``CONFIGS`` (autotune list),
-``_attn_fwd_kernel`` (the raw ``@triton.jit`` function) and :func:`aot_signature`.
+:func:`config_allowed` (the autotuner's pruning rule, also used by the report to compile exactly the configs
+that can launch), ``_attn_fwd_kernel`` (the raw ``@triton.jit`` function), :func:`aot_signature` and
+:func:`aot_attrs`.
 
 Design
 ------
@@ -73,11 +75,25 @@ The Gaussian costs no exponential (the key static claim: ``MUFU.EX2`` count with
    ``sigma`` (at ``sigma = 50`` and grids < 290 rows nothing is skipped; at ``sigma = 5``, ``R = 28``).
    If ``|bias_scale| < eps`` the bias is dropped entirely by the same bound.
 
-Autotune: :data:`CONFIGS` (pruned per call by shared-memory size, dtype, N) keyed on
+Autotune: :data:`CONFIGS` (pruned per call by :func:`config_allowed`: shared-memory size, dtype, N, head dim
+and the register budget of the bias gather, see below) keyed on
 ``(N_BUCKET, HEAD_DIM, HAS_BIAS, Q_IS_K, dtypes)`` on a GPU; under ``TRITON_INTERPRET=1`` a fixed
 :data:`INTERPRETER_CONFIG` (autotune needs a GPU driver). ``NACLIP_TRITON_AUTOTUNE=0`` replaces autotuning
 by a fixed heuristic config on a GPU too (quick test runs). Only Triton API common to 3.6-3.8 is used; there
 is no version-specific branch.
+
+*Register budget of the bias gather* (fp16/bf16, measured with ``python -m naclip_kernels.inspect``,
+triton 3.8, sm_80 and sm_90). The gathered tile costs about three registers per score element and thread on
+top of the score tile and the accumulator: the fp32 bias value plus its 64-bit address, live together with
+the scaled scores while the gathered tile is converted to the MMA layout. With 64 score elements per thread
+(``BLOCK_M * BLOCK_N / (32 * num_warps)``: 128x64 and 64x128 at 4 warps, 128x128 at 8 warps) every such
+config hits ptxas' 255-register cap and spills 64-384 B/thread with the bias on (also at 2 stages); the
+listed configs with 32 or fewer compile spill-free (64x64 at 4 warps, 2 stages, reaches 255 registers on
+sm_80 with no spill: the margin there is thin). :func:`config_allowed` therefore launches a bias config
+only if it has at most :data:`BIAS_MAX_SCORES_PER_THREAD` score elements per thread; the larger configs stay
+in the list for the bias-free kernel (where they do not spill). Not every 32-element config is safe
+(64x128 at 8 warps spills 8 B on sm_90 with the bias), so the list holds only configs the static check has
+verified. 128x32 at 4 warps spilled 8 B on sm_80 even without bias and was replaced by 128x32 at 8 warps.
 """
 
 from __future__ import annotations
@@ -103,10 +119,14 @@ __all__ = [
     "CONFIGS",
     "INTERPRETER_CONFIG",
     "MAX_HEAD_DIM",
+    "AOT_EXAMPLE",
     "aot_attrs",
+    "aot_example_args",
     "aot_signature",
     "band_rows",
     "bias_table",
+    "config_allowed",
+    "heuristic_config",
     "triton_attention",
     "unsupported_reasons",
 ]
@@ -123,7 +143,7 @@ CONFIGS: list[dict[str, int]] = [
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -135,6 +155,8 @@ INTERPRETER_CONFIG: dict[str, int] = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps":
 
 # Shared memory assumed available when pruning configs (the sm_80 limit, 163 KB, minus a margin).
 _SMEM_BUDGET = 160 * 1024
+#: With the bias on, configs with more score elements per thread than this spill (see the module docstring).
+BIAS_MAX_SCORES_PER_THREAD = 32
 
 
 def _interpreting() -> bool:
@@ -388,25 +410,23 @@ if triton is not None:
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     def _prune_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
-        """Drop configs that cannot fit or cannot pay off (shared memory, fp32 tile size, tiny N)."""
-        head_dim = int(named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 64)))
-        n_bucket = int(named_args["N_BUCKET"])
-        elem = named_args["K"].element_size()
-        block_d = _block_d(head_dim)
-        kept = []
-        for cfg in configs:
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            stages = max(cfg.num_stages, 1)
-            smem = elem * block_d * (bm + 2 * bn * stages)
-            if smem > _SMEM_BUDGET:
-                continue
-            if elem == 4 and (bn > 64 or bm > 64):  # fp32 runs on FMA units: small tiles
-                continue
-            if n_bucket <= 128 and bm > 64:
-                continue
-            if block_d > 64 and bm * bn > 128 * 64 and cfg.num_warps < 8:
-                continue
-            kept.append(cfg)
+        """``early_config_prune`` of the autotuner: the configs :func:`config_allowed` admits (never none)."""
+        merged = {**named_args, **kwargs}
+        dtype = merged["K"].dtype
+        head_dim = int(merged.get("HEAD_DIM", 64))
+        has_bias = bool(merged.get("HAS_BIAS", True))
+        n = int(merged["N_BUCKET"])
+        kept = [
+            cfg
+            for cfg in configs
+            if config_allowed(
+                {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                dtype=dtype,
+                head_dim=head_dim,
+                has_bias=has_bias,
+                n=n,
+            )
+        ]
         return kept or [configs[0]]
 
     _attn_fwd_autotuned = triton.autotune(
@@ -426,13 +446,66 @@ else:  # pragma: no cover
     _attn_fwd_autotuned = None
 
 
-def heuristic_config(dtype: torch.dtype, head_dim: int, n: int) -> dict[str, int]:
-    """Fixed config used without autotuning (``NACLIP_TRITON_AUTOTUNE=0`` on a GPU)."""
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_ELEM_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+def config_allowed(config: dict, *, dtype: torch.dtype, head_dim: int, has_bias: bool, n: int) -> bool:
+    """Whether the autotuner may launch ``config`` (a :data:`CONFIGS` entry) for these inputs.
+
+    The one pruning rule, used by the autotuner's ``early_config_prune`` and by
+    :mod:`naclip_kernels.inspect` (which compiles exactly the configs this admits, at large ``n``). Dropped:
+
+    * shared memory estimate ``elem * BLOCK_D * (BLOCK_M + 2 * BLOCK_N * num_stages)`` (+ ``4 * BLOCK_M *
+      BLOCK_N`` for the bias tile's layout conversion when ``has_bias``) above 160 KB (sm_80: 163 KB);
+    * float32 tiles above 64x64 (fp32 runs on the FMA units);
+    * ``BLOCK_M > 64`` when ``n`` (tokens; bucketed to the next power of two) is at most 128;
+    * tiles above 128x64 with fewer than 8 warps at head dims above 64;
+    * with the bias on: more than :data:`BIAS_MAX_SCORES_PER_THREAD` score elements per thread
+      (``BLOCK_M * BLOCK_N / (32 * num_warps)``), which spill (module docstring, "register budget").
+
+    Args:
+        config: dict with int ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``.
+        dtype: torch.float16, torch.bfloat16 or torch.float32 (the q/k/v dtype).
+        head_dim: D, 1..128.
+        has_bias: whether the Gaussian bias is gathered (``HAS_BIAS``).
+        n: N, the number of tokens (> 0).
+
+    Raises:
+        TypeError / ValueError: naming the argument, for a bad dtype, config or value.
+    """
+    if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS):
+        raise ValueError(f"config must be a dict with keys {list(_CONFIG_KEYS)}; got {config!r}")
+    if dtype not in _ELEM_SIZE:
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32; got {dtype!r}")
+    if not 1 <= int(head_dim) <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got {head_dim}")
+    if int(n) < 1:
+        raise ValueError(f"n must be a positive token count; got {n}")
+    bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
+    warps, stages = int(config["num_warps"]), max(int(config["num_stages"]), 1)
+    elem = _ELEM_SIZE[dtype]
+    block_d = _block_d(head_dim)
+    smem = elem * block_d * (bm + 2 * bn * stages) + (4 * bm * bn if has_bias else 0)
+    if smem > _SMEM_BUDGET:
+        return False
+    if elem == 4 and (bn > 64 or bm > 64):  # fp32 runs on FMA units: small tiles
+        return False
+    if _n_bucket(n) <= 128 and bm > 64:
+        return False
+    if block_d > 64 and bm * bn > 128 * 64 and warps < 8:
+        return False
+    return not (has_bias and bm * bn > BIAS_MAX_SCORES_PER_THREAD * 32 * warps)
+
+
+def heuristic_config(dtype: torch.dtype, head_dim: int, n: int, *, has_bias: bool = True) -> dict[str, int]:
+    """Fixed config used without autotuning (``NACLIP_TRITON_AUTOTUNE=0`` on a GPU); always admitted by
+    :func:`config_allowed` for the same arguments."""
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if n <= 256:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if head_dim > 64:
+    if head_dim > 64 or has_bias:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
@@ -536,11 +609,11 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     return reasons
 
 
-def _launch_config(dtype: torch.dtype, head_dim: int, n: int) -> dict[str, int] | None:
+def _launch_config(dtype: torch.dtype, head_dim: int, n: int, has_bias: bool) -> dict[str, int] | None:
     if _interpreting():
         return INTERPRETER_CONFIG
     if os.environ.get("NACLIP_TRITON_AUTOTUNE", "1") in ("0", "false", "False", "no"):
-        return heuristic_config(dtype, head_dim, n)
+        return heuristic_config(dtype, head_dim, n, has_bias=has_bias)
     return None  # autotune
 
 
@@ -588,7 +661,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: An
         "Q_IS_K": q_is_k,
         "IEEE": spec.dtype == torch.float32,
     }
-    cfg = _launch_config(spec.dtype, D, N)
+    cfg = _launch_config(spec.dtype, D, N, has_bias)
     ctx = torch.cuda.device(device) if device.type == "cuda" else _NullCtx()
     with ctx:
         if cfg is None:
@@ -629,7 +702,8 @@ def aot_signature(
     ``"fp32"``, and every constexpr argument typed ``"constexpr"`` with its value in ``constexprs``. The
     feature strides (``stride_*d``) are specialised to 1 (the common contiguous-last-dim case), as the JIT
     does. ``config`` is one entry of :data:`CONFIGS` (``BLOCK_M``, ``BLOCK_N``; warps/stages go to the compile
-    options). Pair it with :func:`aot_attrs` for the alignment hints the JIT would infer.
+    options). Pair it with :func:`aot_attrs` (``attrs=aot_attrs(signature, constexprs)``) for the alignment
+    hints the JIT infers at a typical launch.
     """
     if dtype not in _DTYPE_STR:
         raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32; got {dtype!r}")
@@ -667,19 +741,52 @@ def aot_signature(
     return signature, constexprs
 
 
-def aot_attrs(signature: dict[str, str]) -> dict[tuple[int, ...], list[list[Any]]]:
-    """Alignment attributes for ``ASTSource(..., attrs=aot_attrs(signature))`` (triton 3.6-3.8 format).
+#: The launch :func:`aot_attrs` derives the JIT's alignment hints from: NACLIP's key-key attention for a
+#: ViT-B/16 (12 heads) at 448x448 px (28x28 grid + CLS, N = 785), q = k and v strided views of the packed
+#: ``[B, N, 3, H, D]`` qkv projection, the bias on (sigma 5), a contiguous ``[B, H, N, D]`` output.
+AOT_EXAMPLE = {"H": 12, "grid_hw": (28, 28), "num_prefix_tokens": 1, "sigma": 5.0, "bias_scale": 1.0}
 
-    Marks every pointer and every batch/head/token stride as divisible by 16, which is what the JIT infers for
-    contiguous or ``[B, N, H, D]``-view inputs whose head dim is a multiple of 16 (16-byte aligned tensors).
-    Without these hints the compiler cannot vectorise the K/V loads nor pipeline them with ``cp.async``, so a
-    report compiled without them would not describe the kernel that runs.
+
+def aot_example_args(head_dim: int) -> dict[str, int]:
+    """Integer argument values of :data:`_attn_fwd_kernel` at the :data:`AOT_EXAMPLE` launch, by name."""
+    head_dim = int(head_dim)
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got {head_dim}")
+    ex = AOT_EXAMPLE
+    H, D, P = ex["H"], head_dim, ex["num_prefix_tokens"]
+    gh, gw = ex["grid_hw"]
+    N = P + gh * gw
+    packed = {"b": N * 3 * H * D, "h": D, "n": 3 * H * D, "d": 1}  # a view of [B, N, 3, H, D]
+    out = {"b": H * N * D, "h": N * D, "n": D, "d": 1}  # contiguous [B, H, N, D]
+    args = {f"stride_{t}{a}": v for t in "qkv" for a, v in packed.items()}
+    args.update({f"stride_o{a}": v for a, v in out.items()})
+    args.update(
+        H=H, N=N, N_BUCKET=_n_bucket(N), P=P, GH=gh, GW=gw,
+        BAND_R=band_rows(ex["sigma"], ex["bias_scale"], gh),
+    )  # fmt: skip
+    return args
+
+
+def aot_attrs(
+    signature: dict[str, str], constexprs: dict[str, Any] | None = None
+) -> dict[tuple[int, ...], list[list[Any]]]:
+    """Alignment attributes for ``ASTSource(..., attrs=aot_attrs(signature, constexprs))`` (triton 3.6-3.8).
+
+    The JIT's own rule (``BaseBackend.get_tensor_specialization`` / ``get_int_specialization``, triton
+    3.6-3.8) applied to the :data:`AOT_EXAMPLE` launch at head dim ``constexprs["HEAD_DIM"]`` (64 when not
+    given): ``tt.divisibility = 16`` for every pointer (torch allocations are 256-byte aligned and the k / v
+    views of the packed qkv start ``H * D`` / ``2 * H * D`` elements in, a multiple of 16 bytes for ``D % 8
+    == 0``) and for every ``"i32"`` argument whose example value is a multiple of 16 (the batch/head/token
+    strides when ``D % 16 == 0``; also the unused autotune key ``N_BUCKET``). ``N``, ``H``, ``GH``, ``GW``,
+    ``BAND_R`` are not (785, 12, 28, 28, 27). The JIT would also turn ``P == 1`` into a constexpr;
+    :func:`aot_signature` keeps ``P`` a runtime argument so that the report covers every prefix count (only
+    the feature strides are specialised to 1). Keys are ``(argument index,)`` paths.
     """
+    head_dim = int((constexprs or {}).get("HEAD_DIM", 64))
+    values = aot_example_args(head_dim)
     names = list(_attn_fwd_kernel.arg_names)
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for name, ty in signature.items():
-        if ty == "constexpr":
-            continue
-        if ty.startswith("*") or (name.startswith("stride_") and not name.endswith("d")):
+        if ty.startswith("*") or (ty == "i32" and name in values and values[name] % 16 == 0):
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     return attrs

@@ -336,8 +336,26 @@ def test_aot_signature_covers_every_argument(dtype, has_bias):
     names = tb._attn_fwd_kernel.arg_names
     assert (names.index("K"),) in attrs and (names.index("stride_kn"),) in attrs
     assert (names.index("N"),) not in attrs
+    assert tb.aot_attrs(sig, cx) == attrs  # sig alone: head dim 64's example strides (same hints at D=48)
     with pytest.raises(ValueError, match="head_dim"):
         tb.aot_signature(dtype, 256, has_bias, True, cfg)
+
+
+@pytest.mark.parametrize(("D", "aligned"), [(64, True), (40, False), (33, False)], ids=["d64", "d40", "d33"])
+def test_aot_attrs_apply_the_jit_rule_to_the_example_launch(D, aligned):
+    """Hints follow the JIT's rule (value % 16 == 0) at the example launch, not the argument names."""
+    sig, cx = tb.aot_signature(torch.float16, D, True, True, tb.CONFIGS[0])
+    attrs = tb.aot_attrs(sig, cx)
+    names = tb._attn_fwd_kernel.arg_names
+    values = tb.aot_example_args(D)
+    assert values["N"] == 785 and values["stride_kn"] == 36 * D and values["stride_kh"] == D
+    for name in ("Q", "K", "V", "O", "T"):
+        assert (names.index(name),) in attrs
+    for name in ("stride_kh", "stride_vh", "stride_on"):
+        assert ((names.index(name),) in attrs) is aligned, name
+    for name in ("N", "H", "GH", "GW", "BAND_R", "P"):
+        assert (names.index(name),) not in attrs, name
+    assert all(sig[names[i]] != "constexpr" for (i,) in attrs)
 
 
 def test_configs_are_well_formed():
@@ -370,7 +388,8 @@ def test_configs_are_well_formed():
     ids=["fp16-d64-big", "fp32-small-tiles", "fp16-tiny-n", "bf16-d128"],
 )
 def test_autotune_pruning(dtype, D, n_bucket, check):
-    """The autotune list is pruned per key (shared memory, fp32 tile size, tiny N); never to nothing."""
+    """The autotune list is pruned per key (shared memory, fp32 tile size, tiny N); never to nothing. Bias off
+    here (the bias only removes configs: test_bias_prunes_configs_that_spill)."""
     import triton
 
     configs = [
@@ -379,8 +398,68 @@ def test_autotune_pruning(dtype, D, n_bucket, check):
         for c in tb.CONFIGS
     ]  # fmt: skip
     k = torch.empty(1, dtype=dtype)
-    kept = tb._prune_configs(configs, {"K": k, "N_BUCKET": n_bucket}, HEAD_DIM=D)
+    kept = tb._prune_configs(configs, {"K": k, "N_BUCKET": n_bucket}, HEAD_DIM=D, HAS_BIAS=False)
     assert kept and check(kept)
+
+
+def _scores_per_thread(c):
+    return c["BLOCK_M"] * c["BLOCK_N"] // (32 * c["num_warps"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_bias_prunes_configs_that_spill(dtype, D):
+    """With the bias, only configs with <= 32 score elements per thread launch (the others spill, see the
+    module docstring); the prune hook and config_allowed agree; the bias configs are a subset of the bias-free
+    ones (so every bias variant has a bias-free partner for the EX2 comparison)."""
+    import triton
+
+    on = [tb.config_allowed(c, dtype=dtype, head_dim=D, has_bias=True, n=4096) for c in tb.CONFIGS]
+    off = [tb.config_allowed(c, dtype=dtype, head_dim=D, has_bias=False, n=4096) for c in tb.CONFIGS]
+    assert any(on) and all(o for o, b in zip(off, on, strict=True) if b)
+    for c, ok in zip(tb.CONFIGS, on, strict=True):
+        if _scores_per_thread(c) > tb.BIAS_MAX_SCORES_PER_THREAD:
+            assert not ok, c
+    if D == 64:  # every bias-free config launches at D=64; the 64-scores-per-thread ones not with the bias
+        assert all(off) and on == [_scores_per_thread(c) <= 32 for c in tb.CONFIGS]
+    configs = [
+        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                      num_stages=c["num_stages"])
+        for c in tb.CONFIGS
+    ]  # fmt: skip
+    k = torch.empty(1, dtype=dtype)
+    for has_bias, want in ((True, on), (False, off)):
+        kept = tb._prune_configs(configs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=D, HAS_BIAS=has_bias)
+        assert [any(c is x for x in kept) for c in configs] == want
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
+)
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("N", [50, 197, 785, 16385])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_heuristic_config_is_admitted(dtype, D, N, has_bias):
+    cfg = tb.heuristic_config(dtype, D, N, has_bias=has_bias)
+    assert tb.config_allowed(cfg, dtype=dtype, head_dim=D, has_bias=has_bias, n=N), cfg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "needle"),
+    [
+        ({"dtype": torch.int8}, TypeError, "dtype"),
+        ({"head_dim": 256}, ValueError, "head_dim"),
+        ({"n": 0}, ValueError, "n must"),
+        ({"config": {"BLOCK_M": 64}}, ValueError, "config"),
+    ],
+    ids=["dtype", "head-dim", "n", "config"],
+)
+def test_config_allowed_rejects_bad_arguments(kwargs, exc, needle):
+    args = {"config": tb.CONFIGS[0], "dtype": torch.float16, "head_dim": 64, "has_bias": True, "n": 197}
+    args.update(kwargs)
+    config = args.pop("config")
+    with pytest.raises(exc, match=needle):
+        tb.config_allowed(config, **args)
 
 
 # ----------------------------------------------------------------------------------- through the API
