@@ -139,7 +139,10 @@ class _BiasBuilder:
             key = (str(dev), self.dtype)
             entry = ws.get(key)
             if entry is None or entry[0].numel() < numel:
-                entry = [torch.empty(numel, dtype=self.dtype, device=dev), None]
+                # A buffer reused across calls must be a normal tensor even when first made under
+                # torch.inference_mode(): inference tensors cannot be written in place outside that mode.
+                with torch.inference_mode(False):
+                    entry = [torch.empty(numel, dtype=self.dtype, device=dev), None]
                 ws[key] = entry
             self._entry = entry
         else:

@@ -370,3 +370,20 @@ def test_without_private_flash_op_falls_back(monkeypatch):
     q, k, v = _qkv(1, 2, 1 + 30 * 4, 16)
     out = run(k, k, v, (30, 4), 0.5, budget=20000)
     assert_matches_reference(out, k, k, v, (30, 4), 0.5)
+
+
+def test_cached_bias_workspace_survives_inference_mode_switch():
+    """The per-thread bias buffer is reused across calls; one first allocated under inference_mode must still be
+    writable by a later call outside it (regression: 'Inplace update to inference tensor outside InferenceMode')."""
+    from naclip_kernels.torch_backend import clear_workspace
+
+    clear_workspace()
+    g = torch.Generator().manual_seed(0)
+    q1 = torch.randn(1, 2, 1 + 6 * 5, 16, generator=g)
+    q2 = torch.randn(1, 2, 1 + 7 * 4, 16, generator=g)  # another grid: the cached buffer is refilled in place
+    with torch.inference_mode():
+        gaussian_attention(q1, q1, q1, (6, 5), 2.0, backend="torch")
+    out = gaussian_attention(q2, q2, q2, (7, 4), 2.0, backend="torch")
+    ref = reference_attention(q2, q2, q2, (7, 4), 2.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    clear_workspace()
