@@ -1,8 +1,8 @@
 """Shared test configuration.
 
-* The Triton kernel runs on CPU only in interpreter mode, and ``TRITON_INTERPRET`` is read when kernels are
-  defined, so it is set here, before anything imports triton, unless the machine has an NVIDIA driver (then the
-  kernel compiles for the GPU) or the variable is already set.
+* The Triton kernel runs on CPU only in interpreter mode, and ``TRITON_INTERPRET`` is read when kernels
+  are defined, so it is set here, before anything imports triton, unless the machine has an NVIDIA driver
+  (then the kernel compiles for the GPU) or the variable is already set.
 * The golden fixtures of the official implementation are read from ``../shared/reference/fixtures`` beside the
   repository root, or from ``$NACLIP_FIXTURES_DIR``. A missing fixtures directory is an error, never a skip.
 """

@@ -373,8 +373,9 @@ def test_without_private_flash_op_falls_back(monkeypatch):
 
 
 def test_cached_bias_workspace_survives_inference_mode_switch():
-    """The per-thread bias buffer is reused across calls; one first allocated under inference_mode must still be
-    writable by a later call outside it (regression: 'Inplace update to inference tensor outside InferenceMode')."""
+    """The per-thread bias buffer is reused across calls; one first allocated under inference_mode must
+    still be writable by a later call outside it (regression: 'Inplace update to inference tensor outside
+    InferenceMode')."""
     from naclip_kernels.torch_backend import clear_workspace
 
     clear_workspace()
