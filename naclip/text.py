@@ -1,7 +1,8 @@
 """Class lists, synonyms, prompt templates and the CLIP text classifier.
 
 * **Classes** (:func:`parse_classes`): a list of strings, one per class, or one string with classes separated
-  by ``";"``. Within a class, synonyms are separated by commas (the official class files use ``", "``); every
+  by ``";"``. Within a class, synonyms are separated by ``", "`` (comma + space, as the official
+  ``get_cls_idx``; a comma without a following space is part of the name: ``"a,b"`` is one query); every
   synonym is stripped of surrounding whitespace and becomes its own text query whose class id is the class's
   index. The display name of a class is its first synonym. Empty lists, empty synonyms and duplicate class
   names (after stripping) raise ``ValueError``.
@@ -70,7 +71,8 @@ class ClassSpec:
 
 
 def _split_synonyms(entry: str, index: int) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in entry.split(","))
+    # The official get_cls_idx splits on ", " (comma + space): "a,b" stays one name.
+    parts = tuple(p.strip() for p in entry.split(", "))
     if any(not p for p in parts):
         raise ValueError(f"classes[{index}]: empty class name or synonym in {entry!r}")
     if len(set(parts)) != len(parts):
@@ -81,7 +83,7 @@ def _split_synonyms(entry: str, index: int) -> tuple[str, ...]:
 def parse_classes(classes: str | Sequence[str] | ClassSpec, names: Sequence[str] | None = None) -> ClassSpec:
     """Parse ``classes`` into a :class:`ClassSpec`.
 
-    ``classes``: ``"sky, cloud; tree; person"`` (``";"`` separates classes, ``","`` synonyms) or a list such
+    ``classes``: ``"sky, cloud; tree; person"`` (``";"`` separates classes, ``", "`` synonyms) or a list such
     as ``["sky, cloud", "tree", "person"]``. ``names``: optional display names, one per class (default: the
     first synonym). A :class:`ClassSpec` is returned unchanged (``names`` must then be ``None``).
     """

@@ -60,11 +60,12 @@ def test_prompts_for_inserts_query_verbatim():
             ("sky", "tree", "person"),
             (0, 0, 1, 2),
         ),
-        ([" wood ", "a,b ,  c"], (("wood",), ("a", "b", "c")), ("wood", "a"), (0, 1, 1, 1)),
+        ([" wood ", "a, b ,  c"], (("wood",), ("a", "b", "c")), ("wood", "a"), (0, 1, 1, 1)),
+        (["1,2-dichloro, x", "a,b"], (("1,2-dichloro", "x"), ("a,b",)), ("1,2-dichloro", "a,b"), (0, 0, 1)),
         ("cat", (("cat",),), ("cat",), (0,)),
         (["person in shirt, body"], (("person in shirt", "body"),), ("person in shirt",), (0, 0)),
     ],
-    ids=["string", "list", "whitespace-stripped", "single", "multiword"],
+    ids=["string", "list", "whitespace-stripped", "comma-without-space-is-one-name", "single", "multiword"],
 )
 def test_parse_classes(classes, synonyms, names, qidx):
     spec = parse_classes(classes)
@@ -88,7 +89,7 @@ def test_parse_classes_same_synonym_in_two_classes_allowed():
         ("", ValueError, "at least one class"),
         ("   ", ValueError, "at least one class"),
         ("sky; ; tree", ValueError, r"classes\[1\]: empty"),
-        ("sky,, cloud", ValueError, "empty class name or synonym"),
+        ("sky, , cloud", ValueError, "empty class name or synonym"),
         (["sky, "], ValueError, "empty"),
         ("sky; tree; sky ", ValueError, "duplicate class name 'sky'"),
         (["sky, cloud", "sky"], ValueError, "duplicate class name 'sky'"),
