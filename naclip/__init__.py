@@ -9,11 +9,20 @@ Quick start::
     res.save_mask("mask.png"); res.save_overlay("overlay.png")
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
 from naclip.io import load_image
 from naclip.presets import PRESET_NAMES, PRESETS, Preset, get_preset
 from naclip.segmenter import SegmentationResult, SegmentConfig, Segmenter
 
+try:
+    __version__: str = _version("naclip")
+except _PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "Segmenter",
     "SegmentationResult",
     "SegmentConfig",

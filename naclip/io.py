@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +47,6 @@ __all__ = [
     "ImageLoadError",
     "ImageTooLargeError",
     "load_image",
-    "to_rgb_uint8",
     "voc_palette",
     "colorize",
     "save_mask",
@@ -224,9 +224,6 @@ def load_image(image: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     return _array_to_rgb(a, "image")
 
 
-to_rgb_uint8 = load_image
-
-
 # ------------------------------------------------------------------------------------------------- writers
 
 
@@ -263,13 +260,39 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where possible (``/proc/self/status`` on Linux); else
+    via the ``os.umask`` set-and-restore idiom."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(dest: Path) -> int:
+    """Permission bits for the finished file: those of an existing ``dest`` (replaced in place), else what
+    ``open(dest, "w")`` would give: ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(
     path: PathLike, write: Callable[[IO[bytes]], None], *, protect: Iterable[PathLike] = ()
 ) -> Path:
     """Write a file atomically: ``write(fileobj)`` into a temporary file beside ``path``, then ``os.replace``.
 
     Raises ``ValueError`` if ``path`` is (or resolves to the same file as) one of ``protect`` (input files are
-    never overwritten). The parent directory must exist. Returns the final path.
+    never overwritten). The parent directory must exist. The file gets the permission bits of the file it
+    replaces, or ``0o666 & ~umask`` for a new file (as a plain ``open(path, "w")``; the temporary file itself
+    is created ``0o600``). Returns the final path.
     """
     dest = Path(path)
     for src in protect:
@@ -284,6 +307,7 @@ def atomic_write(
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _final_mode(dest))
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:

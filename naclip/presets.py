@@ -91,7 +91,12 @@ def get_preset(name: str) -> Preset:
 
 
 class _Presets(Mapping):
-    """Read-only mapping ``PRESETS[name] -> Preset`` (class lists loaded lazily from the package data)."""
+    """Read-only mapping ``PRESETS[name] -> Preset`` (class lists loaded lazily from the package data).
+
+    Keys are exactly :data:`PRESET_NAMES` (lower case, ``_``): ``PRESETS["VOC21"]`` raises ``KeyError`` like
+    any mapping, while :func:`get_preset` normalises case, surrounding spaces and ``-`` (``"VOC21"``,
+    ``"pascal-context59"``).
+    """
 
     def __getitem__(self, name: str) -> Preset:
         if name not in _SETTINGS:

@@ -332,3 +332,34 @@ def test_writers_never_overwrite_input(tmp_path):
     with pytest.raises(ValueError, match="refusing"):
         io.save_mask(link, labels, protect=[src])
     assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_atomic_write_new_file_mode_follows_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        dest = io.atomic_write(tmp_path / "new.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o666 & ~umask)  # as open(path, "w"), not mkstemp's 0600
+
+
+def test_atomic_write_keeps_mode_of_replaced_file(tmp_path):
+    dest = tmp_path / "existing.bin"
+    dest.write_bytes(b"old")
+    dest.chmod(0o640)
+    io.atomic_write(dest, lambda f: f.write(b"new"))
+    assert dest.read_bytes() == b"new" and oct(dest.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_public_writers_get_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = io.save_probs(tmp_path / "p.npy", torch.zeros(1, 2, 2))
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_no_redundant_load_image_alias():
+    assert not hasattr(io, "to_rgb_uint8") and "to_rgb_uint8" not in io.__all__
