@@ -29,6 +29,7 @@ the tower's modules:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,44 @@ def _is_identity(module: object) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
+def _attn_unsupported(attn: nn.Module) -> list[str]:
+    """Attention options neither NACLIP's last block nor the SDPA block path reproduce (``[]`` when none).
+
+    Accepted: ``nn.MultiheadAttention`` with packed ``in_proj`` (``kdim == vdim == embed_dim``), no
+    ``add_bias_kv`` / ``add_zero_attn``; open_clip ``Attention`` without scaled cosine attention
+    (``logit_scale``), ``qk_norm`` (``ln_q`` / ``ln_k``), per-head scaling (``head_scale``) or an inner norm
+    (``ln_inner``). Both need a plain-tensor ``in_proj_weight`` ``[3E, E]`` with ``E % num_heads == 0``, an
+    optional tensor ``in_proj_bias`` and an ``nn.Linear`` ``out_proj``.
+    """
+    reasons: list[str] = []
+    if isinstance(attn, nn.MultiheadAttention):
+        if not attn._qkv_same_embed_dim:
+            reasons.append("nn.MultiheadAttention with separate q/k/v projections (kdim/vdim != embed_dim)")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            reasons.append("nn.MultiheadAttention with add_bias_kv / add_zero_attn")
+    elif isinstance(attn, Attention):
+        if attn.logit_scale is not None:
+            reasons.append("scaled cosine attention (logit_scale)")
+        if not _is_identity(attn.ln_q) or not _is_identity(attn.ln_k):
+            reasons.append("qk_norm (ln_q / ln_k)")
+        if attn.head_scale is not None:
+            reasons.append("per-head scaling (scale_heads: head_scale)")
+        if not _is_identity(attn.ln_inner):
+            reasons.append("inner norm (scale_attn_inner: ln_inner)")
+    else:
+        return [
+            f"attention is a {type(attn).__name__}, expected nn.MultiheadAttention or open_clip's Attention"
+        ]
+    weight, bias = getattr(attn, "in_proj_weight", None), getattr(attn, "in_proj_bias", None)
+    if not isinstance(weight, Tensor) or not (bias is None or isinstance(bias, Tensor)):
+        reasons.append("in_proj_weight / in_proj_bias are not plain tensors")
+    elif weight.ndim != 2 or weight.shape[0] != 3 * weight.shape[1] or weight.shape[1] % attn.num_heads:
+        reasons.append(f"in_proj_weight has shape {tuple(weight.shape)}, not [3E, E] with E % heads == 0")
+    if not isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        reasons.append("out_proj is not an nn.Linear")
+    return reasons
+
+
 def _check_last_block(block: nn.Module) -> None:
     """Raise ``ValueError`` when the last block has parts the NACLIP forward cannot reproduce."""
     where = "visual.transformer.resblocks[-1]"
@@ -63,35 +102,11 @@ def _check_last_block(block: nn.Module) -> None:
             f"{where} has an 'ln_attn' norm after attention (open_clip scale_attn=True); NACLIP's "
             "modified last block is defined for CLIP blocks without it (unsupported model)"
         )
-    attn = block.attn
-    if isinstance(attn, nn.MultiheadAttention):
-        if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
-            raise ValueError(
-                f"{where}.attn uses separate q/k/v projections (kdim/vdim != embed_dim); unsupported"
-            )
-        if attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError(f"{where}.attn uses add_bias_kv / add_zero_attn; unsupported")
-    elif isinstance(attn, Attention):
-        extras = []
-        if attn.logit_scale is not None:
-            extras.append("scaled cosine attention")
-        if not _is_identity(attn.ln_q) or not _is_identity(attn.ln_k):
-            extras.append("qk_norm")
-        if attn.head_scale is not None:
-            extras.append("scale_heads")
-        if not _is_identity(attn.ln_inner):
-            extras.append("inner norm (scale_attn_inner)")
-        if extras:
-            raise ValueError(f"{where}.attn uses {', '.join(extras)}; NACLIP's attention cannot reproduce it")
-    else:
+    reasons = _attn_unsupported(block.attn)
+    if reasons:
         raise ValueError(
-            f"{where}.attn is a {type(attn).__name__}; "
-            "expected nn.MultiheadAttention or open_clip's Attention"
+            f"{where}.attn: expected a plain CLIP attention NACLIP can reproduce, got {'; '.join(reasons)}"
         )
-    if not isinstance(getattr(attn, "in_proj_weight", None), Tensor) or not isinstance(
-        getattr(attn, "out_proj", None), nn.Linear
-    ):
-        raise ValueError(f"{where}.attn lacks in_proj_weight / out_proj")
 
 
 def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
@@ -105,11 +120,11 @@ def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
     * another block class (a subclass may override ``forward``), or forward hooks on the block (they
       would be skipped);
     * cross-attention (``ln_1_kv``); an ``ln_attn`` norm after attention (``scale_attn``);
-    * ``nn.MultiheadAttention`` with separate q/k/v projections, ``add_bias_kv`` or ``add_zero_attn``;
-    * open_clip ``Attention`` with scaled cosine attention (``logit_scale``), ``qk_norm``, per-head
-      scaling (``head_scale``) or an inner norm (``ln_inner``);
+    * the attention options of :func:`_attn_unsupported` (separate q/k/v projections, ``add_bias_kv`` /
+      ``add_zero_attn``, scaled cosine attention, ``qk_norm``, per-head scaling, an inner norm,
+      non-tensor (e.g. quantised) projection weights);
     * ``ls_1`` / ``ls_2`` that are neither ``nn.Identity`` nor open_clip ``LayerScale``;
-    * attention dropout ``> 0`` in training mode; non-tensor (e.g. quantised) projection weights.
+    * attention dropout ``> 0`` in training mode.
     """
     reasons: list[str] = []
     kind = type(block)
@@ -127,34 +142,11 @@ def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
         if not (_is_identity(ls) or type(ls) is LayerScale):
             reasons.append(f"{name} is a {type(ls).__name__}, not nn.Identity / open_clip LayerScale")
     attn = block.attn
-    if isinstance(attn, nn.MultiheadAttention):
-        if not attn._qkv_same_embed_dim:
-            reasons.append("nn.MultiheadAttention with separate q/k/v projections")
-        if attn.bias_k is not None or attn.add_zero_attn:
-            reasons.append("nn.MultiheadAttention with add_bias_kv / add_zero_attn")
-        if block.training and attn.dropout > 0:
-            reasons.append("attention dropout in training mode")
-    elif isinstance(attn, Attention):
-        if attn.logit_scale is not None:
-            reasons.append("scaled cosine attention (logit_scale)")
-        if not _is_identity(attn.ln_q) or not _is_identity(attn.ln_k):
-            reasons.append("qk_norm (ln_q / ln_k)")
-        if attn.head_scale is not None:
-            reasons.append("per-head scaling (head_scale)")
-        if not _is_identity(attn.ln_inner):
-            reasons.append("inner norm (ln_inner)")
-        if block.training and (attn.attn_drop.p > 0 or attn.out_drop.p > 0):
-            reasons.append("attention dropout in training mode")
-    else:
-        reasons.append(f"attention is a {type(attn).__name__}")
-        return reasons
-    weight, bias = getattr(attn, "in_proj_weight", None), getattr(attn, "in_proj_bias", None)
-    if not isinstance(weight, Tensor) or not (bias is None or isinstance(bias, Tensor)):
-        reasons.append("in_proj_weight / in_proj_bias are not plain tensors")
-    elif weight.ndim != 2 or weight.shape[0] != 3 * weight.shape[1] or weight.shape[1] % attn.num_heads:
-        reasons.append(f"in_proj_weight has shape {tuple(weight.shape)}, not [3E, E] with E % heads == 0")
-    if not isinstance(getattr(attn, "out_proj", None), nn.Linear):
-        reasons.append("out_proj is not an nn.Linear")
+    reasons.extend(_attn_unsupported(attn))
+    mha_dropout = isinstance(attn, nn.MultiheadAttention) and attn.dropout > 0
+    oc_dropout = isinstance(attn, Attention) and (attn.attn_drop.p > 0 or attn.out_drop.p > 0)
+    if block.training and (mha_dropout or oc_dropout):
+        reasons.append("attention dropout in training mode")
     return reasons
 
 
@@ -184,6 +176,24 @@ def _sdpa_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     x = x + block.ls_1(out)
     del out
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _grid_ints(name: str, value: object) -> int:
+    """A positive grid size: ``int`` or numpy / 0-d tensor integer -> ``int``; ``TypeError`` for another
+    type (bool, float, str ...), ``ValueError`` for ``< 1``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int; got bool {value!r}")
+    is_int_tensor = isinstance(value, Tensor) and value.ndim == 0 and value.dtype in _INT_DTYPES
+    if is_int_tensor or (not isinstance(value, int) and isinstance(value, numbers.Integral)):  # numpy ints
+        value = int(value)
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int; got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
 
 
 class NaclipVisual(nn.Module):
@@ -349,9 +359,7 @@ class NaclipVisual(nn.Module):
         output size, drives the sampling grid, so this differs from size-based resampling (open_clip /
         timm).
         """
-        for name, value in (("gh", gh), ("gw", gw)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        gh, gw = _grid_ints("gh", gh), _grid_ints("gw", gw)
         pe = self.visual.positional_embedding
         if 1 + gh * gw == pe.shape[0]:
             return pe.unsqueeze(0)
@@ -431,7 +439,11 @@ class NaclipVisual(nn.Module):
         """
         if not isinstance(x, Tensor) or x.ndim != 3:
             raise ValueError(f"x must be a [B, T, width] tensor; got {getattr(x, 'shape', type(x).__name__)}")
-        gh, gw = (int(g) for g in grid_hw)
+        if isinstance(grid_hw, str | bytes) or not isinstance(grid_hw, tuple | list | torch.Size):
+            raise TypeError(f"grid_hw must be a (gh, gw) tuple of positive ints; got {grid_hw!r}")
+        if len(grid_hw) != 2:
+            raise ValueError(f"grid_hw must be a (gh, gw) tuple of positive ints; got {grid_hw!r}")
+        gh, gw = _grid_ints("grid_hw[0]", grid_hw[0]), _grid_ints("grid_hw[1]", grid_hw[1])
         b, t, e = x.shape
         if t != 1 + gh * gw:
             raise ValueError(f"x has {t} tokens but grid_hw={(gh, gw)} needs 1 + {gh}*{gw} = {1 + gh * gw}")

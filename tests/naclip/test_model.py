@@ -12,12 +12,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, Transformer, VisionTransformer
 
 import naclip.strategies as strategies_mod
+from naclip.inference import CLIP_MEAN, CLIP_STD, normalize
 from naclip.model import NaclipVisual
 from naclip.testing import build_visual_from_manifest
 
@@ -81,9 +83,8 @@ def tiny_visual(manifest, fixture_tensors):
 @pytest.fixture(scope="module")
 def normalise(manifest):
     conv = manifest["conventions"]["image_normalisation"]
-    mean = torch.tensor(conv["mean"], dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(conv["std"], dtype=torch.float32).view(3, 1, 1)
-    return lambda u8: (u8.float() - mean) / std
+    assert tuple(conv["mean"]) == CLIP_MEAN and tuple(conv["std"]) == CLIP_STD
+    return lambda u8: normalize(u8.float())
 
 
 def _tensor(fixture_tensors, case, ref):
@@ -369,6 +370,24 @@ def test_unsupported_last_block_rejected(manifest, fixture_tensors, kw, match):
         NaclipVisual(visual)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"qk_norm": True}, {"scale_heads": True}, {"scaled_cosine_attn": True}, {"scale_attn_inner": True}],
+    ids=["qk_norm", "scale_heads", "scaled_cosine", "inner_norm"],
+)
+def test_last_block_and_sdpa_share_attention_checks(manifest, fixture_tensors, kw):
+    # One list of unsupported attention options: the last-block error quotes the SDPA fallback reason.
+    from naclip.model import _attn_unsupported, _sdpa_unsupported_reasons
+
+    visual, _, _ = _custom_block_visual(manifest, fixture_tensors, **kw)
+    attn_reasons = _attn_unsupported(visual.transformer.resblocks[-1].attn)
+    assert len(attn_reasons) == 1
+    assert _sdpa_unsupported_reasons(visual.transformer.resblocks[0]) == attn_reasons
+    with pytest.raises(ValueError) as info:
+        NaclipVisual(visual)
+    assert attn_reasons[0] in str(info.value) and "resblocks[-1].attn" in str(info.value)
+
+
 def test_layerscale_vanilla_matches_open_clip():
     torch.manual_seed(6)
     visual = VisionTransformer(
@@ -442,6 +461,47 @@ def test_errors(tiny_visual):
         model.forward_last_block(torch.randn(1, 197, 128), (14, 15))
     with pytest.raises(ValueError, match="gh"):
         model.interpolate_pos_embed(0, 3)
+
+
+@pytest.mark.parametrize(
+    ("gh", "gw", "exc", "match"),
+    [
+        (14.0, 14, TypeError, "gh must be a positive int; got float 14.0"),
+        (14, "14", TypeError, "gw must be a positive int; got str '14'"),
+        (True, 14, TypeError, "gh must be a positive int; got bool"),
+        (14, -2, ValueError, "gw must be a positive int; got -2"),
+    ],
+    ids=["float", "str", "bool", "negative"],
+)
+def test_interpolate_pos_embed_argument_errors(tiny_visual, gh, gw, exc, match):
+    with pytest.raises(exc, match=match):
+        NaclipVisual(tiny_visual).interpolate_pos_embed(gh, gw)
+
+
+def test_interpolate_pos_embed_accepts_numpy_and_tensor_ints(tiny_visual):
+    model = NaclipVisual(tiny_visual)
+    ref = model.interpolate_pos_embed(10, 12)
+    assert ref.shape[1] == 1 + 10 * 12
+    torch.testing.assert_close(model.interpolate_pos_embed(np.int64(10), np.int32(12)), ref, rtol=0, atol=0)
+    torch.testing.assert_close(model.interpolate_pos_embed(torch.tensor(10), 12), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("grid_hw", "exc", "match"),
+    [
+        (14, TypeError, "grid_hw must be a .gh, gw. tuple"),
+        ("ab", TypeError, "grid_hw must be a .gh, gw. tuple"),
+        ((14, 14, 1), ValueError, "grid_hw must be a .gh, gw. tuple"),
+        ((14.0, 14), TypeError, r"grid_hw\[0\] must be a positive int; got float"),
+        ((14, 0), ValueError, r"grid_hw\[1\] must be a positive int; got 0"),
+    ],
+    ids=["int", "str", "three", "float", "zero"],
+)
+def test_forward_last_block_validates_grid_hw(tiny_visual, grid_hw, exc, match):
+    model = NaclipVisual(tiny_visual, backend="torch")
+    width = model.width
+    with pytest.raises(exc, match=match):
+        model.forward_last_block(torch.randn(1, 197, width), grid_hw)
 
 
 def test_properties(tiny_visual):
