@@ -38,17 +38,6 @@ __all__ = ["CHECKPOINT_ENV", "WeightsUnavailableError", "load_clip"]
 #: Environment variable naming a local checkpoint file (used when ``checkpoint`` is not given).
 CHECKPOINT_ENV = "NACLIP_CHECKPOINT"
 
-_DTYPES = {
-    "fp32": "fp32",
-    "float32": "fp32",
-    "float": "fp32",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-}
-_TORCH_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _COMMON_VITS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-B-16-quickgelu")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -163,16 +152,11 @@ def _check_vit_config(name: str) -> None:
 
 
 def _resolve_precision(dtype: Any) -> str:
-    if dtype is None:
-        return "fp32"
-    if isinstance(dtype, torch.dtype):
-        if dtype in _TORCH_DTYPES:
-            return _TORCH_DTYPES[dtype]
-    elif isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.strip().lower().removeprefix("torch.")]
-    raise ValueError(
-        f"dtype must be None, torch.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; got {dtype!r}"
-    )
+    """open_clip ``precision`` (``"fp32"``/``"fp16"``/``"bf16"``) via :func:`naclip.segmenter.dtype_name`,
+    the one dtype parser (``TypeError`` for a non-str/dtype, ``ValueError`` for an unknown name)."""
+    from naclip.segmenter import dtype_name
+
+    return dtype_name(dtype)
 
 
 def _resolve_device(device: Any) -> torch.device:

@@ -31,6 +31,7 @@ Reproduces the official NACLIP pipeline (spec §2.2-§2.5):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,9 +86,23 @@ class Window:
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """``value`` if it is an ``int`` > 0; ``TypeError`` for a non-int (bool included), ``ValueError`` for
+    ``<= 0``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def _check_probability(name: str, value: object) -> float:
+    """``float(value)`` for a real number in ``[0, 1]``; ``TypeError`` for a non-number (bool included),
+    ``ValueError`` out of range (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048) -> tuple[int, int]:
@@ -223,23 +238,22 @@ def crops_per_chunk(
 ) -> int:
     """How many ``crop_hw`` crops to run through ``visual`` at once within ``memory_budget`` bytes.
 
-    Estimate of the peak activation memory of one crop through a ViT of width ``E`` and ``Hh`` heads with
-    ``T = 1 + gh·gw`` tokens: ``element_size · T · (16·E + 2·Hh·T)`` bytes (residual stream, q/k/v, the 4x MLP
-    hidden layer, and one materialised attention matrix per head). ``E`` and ``Hh`` are read from
-    ``visual.width`` / ``visual.num_heads`` or the wrapped open_clip ``transformer`` when present, else 1024 /
-    16. Always at least 1.
+    ``max(1, memory_budget // per_crop)`` with ``per_crop = element_size · T · 16·E`` bytes: the estimated
+    peak activation memory of one crop through a ViT of width ``E`` with ``T = 1 + gh·gw`` tokens
+    (``gh = crop_h // P_h``, ``gw = crop_w // P_w``). The blocks run ``F.scaled_dot_product_attention``
+    (:mod:`naclip.model`), so attention needs ``O(T)`` memory (no ``T x T`` matrix) and the peak is
+    dominated by per-token activations: the residual stream, ``ln`` output, packed ``q/k/v`` (``3E``) and
+    attention output (``E``) ``[T, ~6E]`` plus the MLP hidden layer ``[T, 4E]`` and its GELU output
+    ``[T, 4E]``, rounded up to ``16·E`` per token. ``E`` is read from ``visual.width`` or the wrapped
+    open_clip ``transformer.width``, else 1024. The head count no longer enters the estimate.
     """
     ph, pw = _patch_size(visual)
+    _positive_int("memory_budget", memory_budget)
     t = 1 + (crop_hw[0] // ph) * (crop_hw[1] // pw)
     inner = getattr(visual, "visual", visual)
     tr = getattr(inner, "transformer", None)
     width = getattr(visual, "width", None) or getattr(tr, "width", None) or 1024
-    heads = getattr(visual, "num_heads", None) or getattr(visual, "heads", None)
-    if heads is None and tr is not None and len(getattr(tr, "resblocks", ())) > 0:
-        attn = tr.resblocks[-1].attn
-        heads = getattr(attn, "num_heads", None)
-    heads = heads or 16
-    per_crop = element_size * t * (16 * int(width) + 2 * int(heads) * t)
+    per_crop = element_size * t * 16 * int(width)
     return max(1, int(memory_budget // per_crop))
 
 
@@ -337,10 +351,60 @@ def postprocess(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow] int64, probs [C, oh, ow] float32)`` (spec §2.5).
 
-    ``image`` is the normalised model input ``[1, 3, H, W]`` (PAMR guidance); ``query_idx[q]`` is the class of
-    query ``q``; ``num_classes`` defaults to ``max(query_idx) + 1``.
+    Args:
+        logits: floating ``[1, Q, H, W]`` cosine logits (any device; computed on it in float32).
+        image: the normalised model input ``[1, 3, H', W']`` (floating; PAMR guidance, resized to
+            ``ori_shape``).
+        query_idx: ``[Q]`` class index of every query, in ``[0, num_classes)``.
+        ori_shape: output size ``(oh, ow)``, positive ints.
+        num_classes: ``C``; default ``max(query_idx) + 1``.
+        pamr_steps: PAMR iterations (``0`` = off); pamr_dilations: its dilations.
+        prob_thd: background threshold in ``[0, 1]``; logit_scale: softmax temperature (a finite number).
+
+    With ``L = bilinear(logits, ori_shape, align_corners=False)`` (float32), optionally
+    ``L = pamr(bilinear(image, ori_shape), L, pamr_steps, pamr_dilations)`` (on a ``RuntimeError`` such as
+    an OOM, PAMR is skipped with a ``RuntimeWarning``)::
+
+        p[q]   = softmax_q(logit_scale · L[q])                   # [Q, oh, ow]
+        P[c]   = max_{q : query_idx[q] = c} p[q]                 # 0 for a class without queries
+        labels = argmax_c P;   labels[max_c P < prob_thd] = 0
+        probs  = P / sum_c P
+
+    Returns ``labels`` (``int64``) and ``probs`` (``float32``), both on the CPU. Raises ``TypeError`` /
+    ``ValueError`` naming the argument for a bad input.
     """
-    qidx = torch.as_tensor(query_idx, dtype=torch.long, device=logits.device)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[0] != 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a floating tensor [1, Q, H, W], got {shape}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits: expected a floating tensor, got dtype {logits.dtype}")
+    if logits.shape[1] < 1 or logits.shape[2] < 1 or logits.shape[3] < 1:
+        raise ValueError(f"logits: expected a non-empty [1, Q, H, W] tensor, got {tuple(logits.shape)}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image: expected a normalised float tensor [1, 3, H, W], got {shape}")
+    if not image.is_floating_point():
+        raise TypeError(f"image: expected a normalised floating tensor, got dtype {image.dtype}")
+    thd = _check_probability("prob_thd", prob_thd)
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, int | float):
+        raise TypeError(
+            f"logit_scale: expected a finite number, got {type(logit_scale).__name__} {logit_scale!r}"
+        )
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale: expected a finite number, got {logit_scale!r}")
+    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int):
+        raise TypeError(f"pamr_steps: expected an int >= 0, got {type(pamr_steps).__name__} {pamr_steps!r}")
+    if pamr_steps < 0:
+        raise ValueError(f"pamr_steps: expected an int >= 0, got {pamr_steps!r}")
+    if isinstance(ori_shape, str | bytes) or not isinstance(ori_shape, Sequence) or len(ori_shape) != 2:
+        raise ValueError(f"ori_shape: expected (height, width), got {ori_shape!r}")
+    oh, ow = (_positive_int(f"ori_shape[{i}]", _as_int(s)) for i, s in enumerate(ori_shape))
+    if num_classes is not None:
+        _positive_int("num_classes", num_classes)
+    qidx = torch.as_tensor(query_idx, device=logits.device)
+    if qidx.is_floating_point() or qidx.is_complex() or qidx.dtype == torch.bool:
+        raise TypeError(f"query_idx: expected integer class indices, got dtype {qidx.dtype}")
+    qidx = qidx.long()
     if qidx.ndim != 1 or qidx.numel() != logits.shape[1]:
         raise ValueError(
             f"query_idx: expected {logits.shape[1]} entries (one per query), got shape {tuple(qidx.shape)}"
@@ -348,11 +412,6 @@ def postprocess(
     n_cls = int(qidx.max()) + 1 if num_classes is None else int(num_classes)
     if int(qidx.min()) < 0 or int(qidx.max()) >= n_cls:
         raise ValueError(f"query_idx: values must lie in [0, {n_cls}), got {qidx.tolist()}")
-    oh, ow = (int(s) for s in ori_shape)
-    _positive_int("ori_shape[0]", oh)
-    _positive_int("ori_shape[1]", ow)
-    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int) or pamr_steps < 0:
-        raise ValueError(f"pamr_steps: expected an int >= 0, got {pamr_steps!r}")
 
     logits = F.interpolate(logits.float(), size=(oh, ow), mode="bilinear", align_corners=False)
     if pamr_steps > 0:
@@ -361,7 +420,7 @@ def postprocess(
             logits = _pamr(guide.to(logits.device), logits, pamr_steps, pamr_dilations)
         except RuntimeError as exc:  # e.g. out of memory on a huge image: keep the unrefined logits
             warnings.warn(f"PAMR skipped: {exc}", RuntimeWarning, stacklevel=2)
-    probs = (logits[0] * logit_scale).softmax(dim=0)  # [Q, oh, ow]
+    probs = (logits[0] * float(logit_scale)).softmax(dim=0)  # [Q, oh, ow]
     if n_cls != qidx.numel() or not torch.equal(qidx, torch.arange(n_cls, device=qidx.device)):
         cls_probs = probs.new_zeros((n_cls, oh, ow))
         # max over each class's queries; probabilities are >= 0 so the zero init is neutral
@@ -370,6 +429,22 @@ def postprocess(
         probs = cls_probs
     top = probs.max(dim=0).values
     labels = probs.argmax(dim=0)
-    labels[top < prob_thd] = 0
+    labels[top < thd] = 0
     probs = probs / probs.sum(dim=0, keepdim=True)
     return labels.cpu(), probs.cpu()
+
+
+def _as_int(value: object) -> object:
+    """Plain ``int`` for ints and 0-d integer tensors/numpy ints (sizes often come from ``.shape``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        return int(value)
+    try:
+        import numpy as np
+
+        if isinstance(value, np.integer):
+            return int(value)
+    except ImportError:  # pragma: no cover - numpy is a torch dependency
+        pass
+    return value

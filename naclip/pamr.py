@@ -88,7 +88,9 @@ def pamr(
         raise ValueError(f"image/mask: batch sizes differ ({image.shape[0]} vs {mask.shape[0]})")
     if not image.is_floating_point() or not mask.is_floating_point():
         raise TypeError(f"image/mask: expected floating tensors, got {image.dtype} and {mask.dtype}")
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int):
+        raise TypeError(f"num_iter: expected an int >= 0, got {type(num_iter).__name__} {num_iter!r}")
+    if num_iter < 0:
         raise ValueError(f"num_iter: expected an int >= 0, got {num_iter!r}")
     dils = _check_dilations(dilations)
 

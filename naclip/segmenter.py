@@ -27,31 +27,60 @@ from naclip import inference, io
 from naclip.presets import Preset, get_preset
 from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes
 
-__all__ = ["SegmentConfig", "SegmentationResult", "Segmenter", "resolve_dtype"]
+__all__ = ["DTYPES", "SegmentConfig", "SegmentationResult", "Segmenter", "dtype_name", "resolve_dtype"]
 
-_DTYPES = {
-    "fp32": torch.float32,
+#: Canonical dtype names (CLI choices and open_clip ``precision`` strings) -> torch dtype.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {
+    **DTYPES,
     "float32": torch.float32,
     "float": torch.float32,
-    "fp16": torch.float16,
     "float16": torch.float16,
     "half": torch.float16,
-    "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``None`` | a floating ``torch.dtype`` | ``"fp32"``/``"fp16"``/``"bf16"`` (and long names) -> dtype."""
-    if dtype is None or dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return dtype  # type: ignore[return-value]
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
+    """The one dtype parser of naclip (used by :class:`Segmenter`, :func:`naclip.hub.load_clip` and the CLIs).
+
+    ``None`` -> ``None``; ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` -> itself; a string,
+    case-insensitive, surrounding whitespace and an optional ``"torch."`` prefix ignored: ``"fp32"``,
+    ``"float32"``, ``"float"``, ``"fp16"``, ``"float16"``, ``"half"``, ``"bf16"``, ``"bfloat16"`` (so
+    ``"torch.float16"`` and ``str(torch.float16)`` work) -> the torch dtype.
+
+    Raises ``TypeError`` for anything that is not ``None``, a ``str`` or a ``torch.dtype``, and
+    ``ValueError`` for an unknown name or another torch dtype (e.g. ``torch.int8``).
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPE_NAMES:
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_ALIASES:
+            return _DTYPE_ALIASES[key]
+    else:
+        raise TypeError(
+            f"dtype: expected None, a str (fp32, fp16, bf16) or a torch dtype, got {type(dtype).__name__} "
+            f"{dtype!r}"
+        )
     raise ValueError(f"dtype: expected one of fp32, fp16, bf16 (or a matching torch dtype), got {dtype!r}")
 
 
+def dtype_name(dtype: str | torch.dtype | None) -> str:
+    """Canonical name (``"fp32"``, ``"fp16"``, ``"bf16"``) of anything :func:`resolve_dtype` accepts;
+    ``None`` -> ``"fp32"`` (the default precision). Same errors as :func:`resolve_dtype`."""
+    resolved = resolve_dtype(dtype)
+    return "fp32" if resolved is None else _DTYPE_NAMES[resolved]
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
@@ -124,9 +153,7 @@ class SegmentConfig:
 
 
 def _check_prob_thd(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"prob_thd: expected a number in [0, 1], got {value!r}")
-    return float(value)
+    return inference._check_probability("prob_thd", value)
 
 
 @dataclass
@@ -180,6 +207,27 @@ class SegmentationResult:
         return io.save_probs(path, self.probs, protect=self._protect(protect))
 
 
+def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
+    """Move ``module`` in place to ``device`` and set its precision like open_clip's ``precision=``
+    (spec §1.5, the same path as :func:`naclip.hub.load_clip`).
+
+    ``float32``: every floating parameter/buffer in fp32. ``float16`` / ``bfloat16``: open_clip's mixed
+    precision (``open_clip.model.convert_weights_to_lp``): conv/linear/attention projection weights and
+    ``proj`` / ``text_projection`` in the low-precision dtype; LayerNorms, the class and positional
+    embeddings stay fp32 (the model is first brought back to fp32, so a model that was half already gets
+    its LayerNorms in fp32 again). ``dtype=None`` leaves the precision unchanged.
+    """
+    if dtype is None:
+        if device is not None:
+            module.to(device=device)
+        return
+    module.to(device=device, dtype=torch.float32)
+    if dtype != torch.float32:
+        from open_clip.model import convert_weights_to_lp
+
+        convert_weights_to_lp(module, dtype=dtype)
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -201,7 +249,10 @@ class Segmenter:
             arch (``csa`` -> ``vanilla``) or else ``reduced`` (NACLIP).
         gaussian_std: Gaussian std in patch units (``naclip``/``nonly``).
         backend: ``naclip_kernels`` backend (``None`` = global default: Triton on CUDA, PyTorch on CPU).
-        device, dtype: where/how to run (``dtype`` ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype).
+        device, dtype: where/how to run; the model is moved in place. ``dtype`` (anything
+            :func:`resolve_dtype` takes: ``"fp32"``, ``"fp16"``, ``"bf16"``, a torch dtype) applies
+            open_clip's mixed precision like ``from_pretrained``: linear/conv weights in ``dtype``,
+            LayerNorm in fp32 (spec §1.5); ``None`` keeps the model's precision.
         config: :class:`SegmentConfig` with the defaults.
         model_id: a name for the text-feature cache key (default: derived from the object).
     """
@@ -254,8 +305,7 @@ class Segmenter:
             arch = get_strategy(method).required_arch or "reduced"
         torch_dtype = resolve_dtype(dtype)
         module = self.clip_model if self.clip_model is not None else visual
-        if device is not None or torch_dtype is not None:
-            module.to(device=device, dtype=torch_dtype)
+        _place(module, device, torch_dtype)
         module.eval()
         self.visual = NaclipVisual(
             visual, arch=arch, strategy=method, gaussian_std=gaussian_std, backend=backend

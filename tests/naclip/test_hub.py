@@ -221,5 +221,18 @@ def test_openai_spelling_and_bad_args(offline):
     assert hub._resolve_model_name("vit-l-14") == "ViT-L-14"
     with pytest.raises(ValueError, match="dtype"):
         load_clip(SMALL, None, device="cpu", dtype="fp8")
+    with pytest.raises(TypeError, match="dtype"):
+        load_clip(SMALL, None, device="cpu", dtype=16)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision"),
+    [("torch.float16", "fp16"), (torch.bfloat16, "bf16"), (None, "fp32"), ("half", "fp16")],
+    ids=["torch-prefix", "torch-dtype", "none", "alias"],
+)
+def test_precision_uses_the_shared_dtype_parser(dtype, precision):
+    from naclip.segmenter import dtype_name
+
+    assert hub._resolve_precision(dtype) == precision == dtype_name(dtype)
     with pytest.raises(TypeError, match="model"):
         load_clip(16, None)

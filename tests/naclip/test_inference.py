@@ -143,13 +143,28 @@ def test_chunked_slide_equals_unchunked(max_batch):
 
 def test_memory_budget_sets_chunk_size():
     model = _CountingVisual()
-    per_crop = 4 * 197 * (16 * 64 + 2 * 2 * 197)
+    per_crop = 4 * 197 * 16 * 64  # SDPA blocks: O(T) per crop, element_size * T * 16 * width
     assert inf.crops_per_chunk(model, (224, 224), 3 * per_crop) == 3
     assert inf.crops_per_chunk(model, (224, 224), 1) == 1
     image = torch.randn(1, 3, 336, 500)
     text = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
     inf.slide_logits(model, image, text, memory_budget=3 * per_crop)
     assert [b[0] for b in model.batches] == [3, 3, 2]
+
+
+def test_crop_memory_estimate_is_linear_in_tokens_and_ignores_heads():
+    """The blocks run SDPA (no T x T attention matrix): the per-crop estimate is element_size * T * 16 * E."""
+    model = _CountingVisual()
+    t_small, t_big = 1 + 14 * 14, 1 + 56 * 56  # 224 and 896 px crops, patch 16
+    budget = 4 * t_big * 16 * 64 * 10  # exactly 10 big crops
+    assert inf.crops_per_chunk(model, (896, 896), budget) == 10
+    assert inf.crops_per_chunk(model, (224, 224), budget) == budget // (4 * t_small * 16 * 64)
+    assert inf.crops_per_chunk(model, (896, 896), budget, element_size=2) == 20  # fp16 activations
+    many_heads = _CountingVisual()
+    many_heads.num_heads = 64
+    assert inf.crops_per_chunk(many_heads, (896, 896), budget) == 10
+    with pytest.raises(ValueError, match="memory_budget"):
+        inf.crops_per_chunk(model, (224, 224), 0)
 
 
 def test_slide_on_image_smaller_than_crop_equals_whole(tiny_segmenter):
@@ -261,6 +276,88 @@ def test_postprocess_bad_query_idx():
         inf.postprocess(
             torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), [0, 5], ori_shape=(4, 4), num_classes=2
         )
+
+
+def _post_args(**kw):
+    args = {
+        "logits": torch.zeros(1, 2, 4, 4),
+        "image": torch.zeros(1, 3, 4, 4),
+        "query_idx": [0, 1],
+        "ori_shape": (4, 4),
+        "pamr_steps": 0,
+    }
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"logits": torch.zeros(2, 4, 4)}, ValueError, r"logits: expected a floating tensor \[1, Q, H, W\]"),
+        ({"logits": torch.zeros(2, 2, 4, 4)}, ValueError, r"logits: .*got \(2, 2, 4, 4\)"),
+        ({"logits": torch.zeros(1, 2, 4, 4, dtype=torch.long)}, TypeError, "logits: .*torch.int64"),
+        ({"logits": [[0.0]]}, ValueError, "logits: .*got list"),
+        ({"image": torch.zeros(1, 1, 4, 4)}, ValueError, r"image: expected .*\[1, 3, H, W\], got \(1, 1"),
+        ({"image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, TypeError, "image: .*torch.uint8"),
+        ({"prob_thd": 1.5}, ValueError, r"prob_thd: expected a number in \[0, 1\], got 1.5"),
+        ({"prob_thd": "0.1"}, TypeError, "prob_thd: .*got str '0.1'"),
+        ({"prob_thd": True}, TypeError, "prob_thd: .*got bool"),
+        ({"logit_scale": "40"}, TypeError, "logit_scale: .*got str"),
+        ({"logit_scale": float("inf")}, ValueError, "logit_scale: expected a finite number, got inf"),
+        ({"pamr_steps": 1.0}, TypeError, "pamr_steps: .*got float"),
+        ({"pamr_steps": -1}, ValueError, "pamr_steps: expected an int >= 0, got -1"),
+        ({"ori_shape": (4,)}, ValueError, r"ori_shape: expected \(height, width\)"),
+        ({"ori_shape": (4, 0)}, ValueError, r"ori_shape\[1\]: expected a positive int, got 0"),
+        ({"ori_shape": (4.0, 4)}, TypeError, r"ori_shape\[0\]: .*got float"),
+        ({"query_idx": [0.0, 1.0]}, TypeError, "query_idx: expected integer"),
+        ({"num_classes": 0}, ValueError, "num_classes: expected a positive int, got 0"),
+    ],
+    ids=[
+        "logits-3d",
+        "logits-batch2",
+        "logits-int",
+        "logits-list",
+        "image-1ch",
+        "image-uint8",
+        "thd-range",
+        "thd-str",
+        "thd-bool",
+        "scale-str",
+        "scale-inf",
+        "steps-float",
+        "steps-negative",
+        "shape-len",
+        "shape-zero",
+        "shape-float",
+        "qidx-float",
+        "num-classes-0",
+    ],
+)
+def test_postprocess_validates_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        inf.postprocess(**_post_args(**kwargs))
+
+
+def test_postprocess_accepts_numpy_and_tensor_sizes():
+    ref = inf.postprocess(**_post_args())
+    for shape in ((np.int64(4), np.int32(4)), torch.Size([4, 4]), [4, 4]):
+        out = inf.postprocess(**_post_args(ori_shape=shape))
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    "fn,args,exc",
+    [
+        (inf.rescale_size, (10.0, 10, 336), TypeError),
+        (inf.rescale_size, (0, 10, 336), ValueError),
+        (inf.slide_windows, (10, 10, "224"), TypeError),
+        (inf.slide_windows, (10, 10, 224, -1), ValueError),
+    ],
+    ids=["float-height", "zero-height", "str-crop", "negative-stride"],
+)
+def test_int_arguments_type_vs_value_errors(fn, args, exc):
+    with pytest.raises(exc, match="expected a positive int"):
+        fn(*args)
 
 
 def test_infer_logits_errors(tiny_segmenter):

@@ -14,7 +14,7 @@ import naclip
 import naclip.inference as inf
 from naclip import SegmentationResult, SegmentConfig, Segmenter
 from naclip.io import ImageTooLargeError
-from naclip.segmenter import resolve_dtype
+from naclip.segmenter import DTYPES, dtype_name, resolve_dtype
 
 
 def tiny_clip(seed: int = 0) -> open_clip.CLIP:
@@ -87,8 +87,21 @@ def test_predict_classes_string_numpy(seg):
 
 @pytest.mark.parametrize("mode", ["whole", "slide", "single"])
 def test_predict_modes_and_pamr(seg, mode):
-    res = seg.predict(_image(60, 90, seed=2), ["cat", "dog, puppy"], mode=mode, pamr=True, short_side=64)
+    # 60x90 -> 64x96 model input; a 32 px crop at stride 16 gives 3x5 windows, so slide != whole
+    img, classes = _image(60, 90, seed=2), ["cat", "dog, puppy"]
+    kw = {"mode": mode, "short_side": 64, "crop": 32, "stride": 16, "return_logits": True}
+    res = seg.predict(img, classes, pamr=True, **kw)
     _check_result(res, 60, 90, 2)
+    off = seg.predict(img, classes, pamr=False, **kw)
+    _check_result(off, 60, 90, 2)
+    assert torch.equal(res.logits, off.logits)  # PAMR acts after the logits...
+    assert not torch.allclose(res.probs, off.probs, atol=1e-4)  # ...and is not ignored
+    whole = seg.predict(img, classes, mode="whole", pamr=False, short_side=64, return_logits=True)
+    assert whole.logits.shape == (3, 64, 96)
+    if mode == "slide":
+        assert not torch.allclose(off.logits, whole.logits, atol=1e-4)  # the mode is not ignored
+    else:
+        assert torch.equal(off.logits, whole.logits)  # single = whole (one pass)
 
 
 def test_predict_matches_manual_pipeline(seg):
@@ -181,6 +194,58 @@ def test_resolve_dtype():
         resolve_dtype("fp8")
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("torch.float16", torch.float16),
+        (str(torch.bfloat16), torch.bfloat16),
+        (" FP32 ", torch.float32),
+        ("half", torch.float16),
+        ("float", torch.float32),
+    ],
+    ids=["torch-prefix", "str-of-dtype", "case-space", "half", "float"],
+)
+def test_resolve_dtype_spellings(text, expected):
+    assert resolve_dtype(text) is expected
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    assert dtype_name(text) == names[expected]
+
+
+@pytest.mark.parametrize(
+    "value,exc",
+    [(16, TypeError), (np.float16, TypeError), (torch.int8, ValueError), ("torch.int8", ValueError)],
+    ids=["int", "numpy-type", "torch-int8", "str-int8"],
+)
+def test_resolve_dtype_errors(value, exc):
+    with pytest.raises(exc, match=r"dtype: expected .*got "):
+        resolve_dtype(value)
+
+
+def test_dtype_table_and_default_name():
+    assert dict(DTYPES) == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    assert dtype_name(None) == "fp32" and dtype_name(torch.bfloat16) == "bf16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_constructor_dtype_keeps_layernorm_fp32_like_open_clip(tok, dtype):
+    seg = Segmenter(tiny_clip(), tok, dtype=str(dtype), backend="torch")
+    expected = tiny_clip()
+    open_clip.convert_weights_to_lp(expected, dtype=dtype)  # open_clip's precision="fp16"/"bf16" path
+    got = {k: v.dtype for k, v in seg.clip_model.state_dict().items()}
+    assert got == {k: v.dtype for k, v in expected.state_dict().items()}
+    assert seg.visual.visual.ln_post.weight.dtype == torch.float32
+    assert seg.clip_model.visual.transformer.resblocks[0].ln_1.weight.dtype == torch.float32
+    assert seg.dtype == dtype  # conv1 (the image dtype)
+    # a model that is already (purely) low precision gets its LayerNorms back in fp32
+    pure = tiny_clip().to(torch.float16)
+    seg = Segmenter(pure, tok, dtype=dtype, backend="torch")
+    assert {k: v.dtype for k, v in seg.clip_model.state_dict().items()} == got
+    # and fp32 brings everything back to fp32
+    seg = Segmenter(pure, tok, dtype="fp32", backend="torch")
+    floats = [v for v in seg.clip_model.state_dict().values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -248,9 +313,10 @@ def test_enormous_images(tok):
         ({"arch": "reduced_no_ffn"}, ValueError, "arch must be one of"),
         ({"gaussian_std": 0.0}, ValueError, "gaussian_std"),
         ({"dtype": "int8"}, ValueError, "dtype"),
+        ({"dtype": 16}, TypeError, "dtype"),
         ({"config": {"mode": "whole"}}, TypeError, "SegmentConfig"),
     ],
-    ids=["unknown-method", "csa-reduced", "unknown-arch", "std0", "dtype", "config-type"],
+    ids=["unknown-method", "csa-reduced", "unknown-arch", "std0", "dtype", "dtype-type", "config-type"],
 )
 def test_segmenter_bad_construction(tok, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -284,3 +350,25 @@ def test_segmenter_bad_model_and_features(seg, tok):
 def test_segment_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SegmentConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"crop": 224.0}, "crop: expected an int >= 1, got float 224.0"),
+        ({"short_side": "336"}, "short_side: expected an int >= 1, got str '336'"),
+        ({"text_batch": True}, "text_batch: expected an int >= 1, got bool True"),
+        ({"prob_thd": "0.5"}, r"prob_thd: expected a number in \[0, 1\], got str '0.5'"),
+    ],
+    ids=["float-crop", "str-short-side", "bool-batch", "str-prob-thd"],
+)
+def test_segment_config_wrong_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        SegmentConfig(**kwargs)
+
+
+def test_package_version():
+    from importlib.metadata import version
+
+    assert isinstance(naclip.__version__, str) and "__version__" in naclip.__all__
+    assert naclip.__version__ == version("naclip")  # installed editable in the dev venv
