@@ -11,7 +11,11 @@ atomically and into ``--out`` only:
 An output path that is also an input is refused up front. A file that cannot be read or segmented is reported
 and the others are still processed; the exit status is then 1. User errors (bad arguments, unknown preset,
 missing weights when offline, ...) print one ``error:`` line and exit with status 2, without a traceback (set
-``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from :mod:`naclip.eval.cli` when installed.
+``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from :mod:`naclip.eval.cli`.
+
+Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here):
+:func:`probability`, :func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`,
+:data:`MODES`, :data:`BACKENDS`, :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -23,22 +27,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from naclip.inference import MODES as _MODES
+from naclip.segmenter import DTYPES as _SEG_DTYPES
+from naclip.strategies import STRATEGIES as _STRATEGIES
+from naclip_kernels.api import BACKENDS as _BACKENDS
+
 __all__ = [
+    "BACKENDS",
+    "DTYPES",
     "IMAGE_SUFFIXES",
+    "METHODS",
+    "MODES",
     "OutputPaths",
     "UserError",
     "build_parser",
     "collect_inputs",
     "main",
+    "non_negative_int",
     "parse_classes_arg",
     "plan_outputs",
+    "positive_int",
+    "probability",
 ]
 
 #: File suffixes picked up when a directory is given as input (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DTYPES = ("fp32", "fp16", "bf16")
-MODES = ("whole", "slide", "single")
-BACKENDS = ("auto", "torch", "triton", "reference")
+#: Choices shared by ``naclip segment`` and ``naclip eval`` (import them from here), each taken from its
+#: single home: dtype names (:data:`naclip.segmenter.DTYPES`), inference modes
+#: (:data:`naclip.inference.MODES`), attention backends (:data:`naclip_kernels.api.BACKENDS`),
+#: attention strategies (:data:`naclip.strategies.STRATEGIES`).
+DTYPES: tuple[str, ...] = tuple(_SEG_DTYPES)
+MODES: tuple[str, ...] = tuple(_MODES)
+BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
+METHODS: tuple[str, ...] = tuple(_STRATEGIES)
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
 
@@ -51,29 +72,35 @@ class UserError(Exception):
 
 
 def _version() -> str:
+    from naclip import __version__
+
+    return __version__
+
+
+def _int_at_least(minimum: int, text: str) -> int:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("naclip")
-    except PackageNotFoundError:  # running from a source tree without installation
-        return "unknown"
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
 
 
-def _probability(text: str) -> float:
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer ``>= 1`` (``ArgumentTypeError`` naming the expected and the given
+    text)."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=``: an integer ``>= 0`` (``ArgumentTypeError`` naming the expected and the given
+    text)."""
+    return _int_at_least(0, text)
+
+
+def probability(text: str) -> float:
+    """argparse ``type=``: a number in ``[0, 1]`` (NaN rejected; ``ArgumentTypeError`` otherwise)."""
     try:
         value = float(text)
     except ValueError:
@@ -112,9 +139,9 @@ def _add_segment_parser(subparsers) -> None:
     p.add_argument(
         "--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement (default: on)"
     )
-    p.add_argument("--prob-thd", type=_probability, metavar="P", help="max probability below P -> class 0")
+    p.add_argument("--prob-thd", type=probability, metavar="P", help="max probability below P -> class 0")
     p.add_argument(
-        "--short-side", type=_int_at_least(1), metavar="PX", help="resize short side to PX (default 336)"
+        "--short-side", type=positive_int, metavar="PX", help="resize short side to PX (default 336)"
     )
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
     p.add_argument(
@@ -129,7 +156,10 @@ def _add_segment_parser(subparsers) -> None:
         help="register an extra open_clip model config file (its file stem becomes a --model name)",
     )
     p.add_argument(
-        "--method", default="naclip", help="attention strategy: naclip (default), kk, nonly, vanilla, csa"
+        "--method",
+        choices=METHODS,
+        default="naclip",
+        help="attention strategy of the last block (default: naclip)",
     )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: fp32)")
@@ -147,7 +177,7 @@ def _add_segment_parser(subparsers) -> None:
 
     p.add_argument(
         "--max-pixels",
-        type=_int_at_least(0),
+        type=non_negative_int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help="refuse images (and resized model inputs) with more than N pixels "
@@ -158,13 +188,10 @@ def _add_segment_parser(subparsers) -> None:
 
 
 def _add_external_parsers(subparsers) -> None:
-    """``eval`` / ``score`` from :mod:`naclip.eval.cli` when that module is present."""
-    try:
-        from naclip.eval import cli as eval_cli
-    except ModuleNotFoundError as exc:
-        if exc.name in ("naclip.eval", "naclip.eval.cli"):
-            return
-        raise
+    """``eval`` / ``score`` from :mod:`naclip.eval.cli` (part of this package: a failing import is a bug and
+    propagates)."""
+    from naclip.eval import cli as eval_cli
+
     eval_cli.add_eval_parser(subparsers)
     eval_cli.add_score_parser(subparsers)
 
@@ -186,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_classes_arg(spec: str | Sequence[str], what: str = "--classes"):
-    """Parse a class list with :func:`naclip.text.parse_classes` (``";"`` between classes, ``","`` between
+    """Parse a class list with :func:`naclip.text.parse_classes` (``";"`` between classes, ``", "`` between
     synonyms); its ``ValueError`` / ``TypeError`` (empty list, empty synonym, duplicate) becomes a
     :class:`UserError` prefixed with ``what``. Returns the :class:`naclip.text.ClassSpec`."""
     from naclip.text import parse_classes
@@ -314,7 +341,7 @@ def _load_segmenter(args):
             dtype=args.dtype,
             method=args.method,
             checkpoint=checkpoint,
-            backend=None if args.backend == "auto" else args.backend,
+            backend=args.backend,  # an explicit "auto" stays "auto" (NACLIP_ATTN_BACKEND only for None)
             config=SegmentConfig(max_pixels=args.max_pixels or None),
         )
     except WeightsUnavailableError as exc:

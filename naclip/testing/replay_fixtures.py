@@ -222,19 +222,31 @@ class _Runner:
         self.backend = backend
         self.device = torch.device(device)
         self.tensors = _Tensors(root)
+        from naclip.inference import CLIP_MEAN, CLIP_STD
+
         conv = manifest.get("conventions", {}).get("image_normalisation", {})
-        self.mean = torch.tensor(conv.get("mean", [122.771, 116.746, 104.094]), dtype=torch.float32)
-        self.std = torch.tensor(conv.get("std", [68.501, 66.632, 70.323]), dtype=torch.float32)
+        for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+            theirs = conv.get(key, ours)
+            same = len(theirs) == len(ours) and torch.equal(
+                torch.tensor(theirs, dtype=torch.float32), torch.tensor(ours, dtype=torch.float32)
+            )
+            if not same:
+                raise FixturesError(
+                    f"manifest conventions.image_normalisation.{key}: expected naclip.inference.CLIP_"
+                    f"{key.upper()} = {list(ours)} (float32), got {theirs!r}"
+                )
         self._visual = None
 
     # -- shared helpers
 
     def normalise(self, u8):
-        """uint8 RGB ``[B,3,H,W]`` -> float32 ``(x - mean) / std`` (manifest conventions)."""
+        """uint8 RGB ``[B,3,H,W]`` -> float32 ``(x - CLIP_MEAN) / CLIP_STD``
+        (:func:`naclip.inference.normalize`; the manifest's conventions were checked to hold these values)."""
+        from naclip.inference import normalize
+
         if u8.dim() != 4 or u8.shape[1] != 3:
             raise FixturesError(f"expected a uint8 image [B, 3, H, W], got shape {tuple(u8.shape)}")
-        x = (u8.to(self.torch.float32) - self.mean[:, None, None]) / self.std[:, None, None]
-        return x.to(self.device)
+        return normalize(u8.to(self.torch.float32)).to(self.device)
 
     def visual(self):
         """The open_clip VisionTransformer built from the manifest's model block (built once)."""

@@ -141,7 +141,7 @@ def test_bad_classes_are_one_line_errors(
     ("argv", "message"),
     [
         pytest.param(["--preset", "voc99"], "unknown preset 'voc99'", id="unknown-preset"),
-        pytest.param(["--classes", "a", "--method", "magic"], "strategy must be one of", id="unknown-method"),
+        pytest.param(["--classes", "a", "--method", "magic"], "invalid choice: 'magic'", id="unknown-method"),
         pytest.param(
             ["--classes", "a", "--classes-file", "/nonexistent"], "not allowed with", id="two-sources"
         ),
@@ -256,8 +256,88 @@ def test_offline_weights_error_is_one_clear_message(tmp_path: Path) -> None:
 
 
 def test_eval_and_score_are_registered() -> None:
-    eval_cli = pytest.importorskip("naclip.eval.cli", reason="naclip.eval.cli not installed")
-    assert eval_cli is not None
+    import naclip.eval.cli as eval_cli  # part of the package: a broken import must fail, not skip
+
+    assert callable(eval_cli.add_eval_parser) and callable(eval_cli.add_score_parser)
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"segment", "eval", "score"} <= set(sub.choices)
+
+
+def test_broken_eval_import_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    import naclip.eval
+
+    monkeypatch.setitem(sys.modules, "naclip.eval.cli", None)  # import naclip.eval.cli -> ImportError
+    monkeypatch.delattr(naclip.eval, "cli", raising=False)
+    with pytest.raises(ImportError):
+        cli.build_parser()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_explicit_backend_is_passed_through(
+    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, backend: str
+) -> None:
+    # an explicit --backend auto must reach the Segmenter as "auto" (not None, which would let
+    # NACLIP_ATTN_BACKEND override it)
+    from naclip.segmenter import Segmenter
+
+    seen = {}
+
+    def fake_from_pretrained(*args, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setenv("NACLIP_ATTN_BACKEND", "reference")
+    monkeypatch.setattr(Segmenter, "from_pretrained", staticmethod(fake_from_pretrained))
+    img = _image(tmp_path / "x.png")
+    assert _segment(tiny, [img], tmp_path / "o", "--classes", "a", "--backend", backend) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen["backend"] == backend
+
+
+def test_choices_come_from_their_single_homes() -> None:
+    import naclip_kernels.api
+    from naclip import inference, segmenter, strategies
+
+    assert cli.MODES == inference.MODES
+    assert cli.BACKENDS == naclip_kernels.api.BACKENDS
+    assert tuple(segmenter.DTYPES) == cli.DTYPES
+    assert tuple(strategies.STRATEGIES) == cli.METHODS
+    seg = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["segment"]
+    choices = {a.dest: a.choices for a in seg._actions if a.choices is not None}
+    assert choices["method"] == cli.METHODS and choices["mode"] == cli.MODES
+    assert choices["backend"] == cli.BACKENDS and choices["dtype"] == cli.DTYPES
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "expected"),
+    [
+        (cli.probability, "0.25", 0.25),
+        (cli.probability, "1", 1.0),
+        (cli.positive_int, "3", 3),
+        (cli.non_negative_int, "0", 0),
+    ],
+    ids=["prob", "prob-one", "positive", "zero"],
+)
+def test_argparse_type_helpers_accept(parse, text: str, expected) -> None:
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (cli.probability, "1.5", "expected a number in [0, 1], got '1.5'"),
+        (cli.probability, "nan", "expected a number in [0, 1], got 'nan'"),
+        (cli.probability, "x", "expected a number in [0, 1], got 'x'"),
+        (cli.positive_int, "0", "expected an integer >= 1, got '0'"),
+        (cli.positive_int, "2.5", "expected an integer >= 1, got '2.5'"),
+        (cli.non_negative_int, "-1", "expected an integer >= 0, got '-1'"),
+    ],
+    ids=["prob-range", "prob-nan", "prob-text", "positive-zero", "positive-float", "non-negative"],
+)
+def test_argparse_type_helpers_reject(parse, text: str, message: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value) == message

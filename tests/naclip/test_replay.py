@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from naclip.inference import CLIP_MEAN, CLIP_STD, normalize
 from naclip.testing.replay_fixtures import (
     CASE_KINDS,
     CaseResult,
@@ -231,9 +232,7 @@ def _synthetic_fixtures(root: Path, *, width=96, heads=3, layers=2, patch=8, res
             p.normal_(0, 0.2)
     weights = {f"visual.{k}": v.contiguous() for k, v in vt.state_dict().items()}
     images = torch.randint(0, 256, (2, 3, res, res), dtype=torch.uint8)
-    mean = torch.tensor([122.771, 116.746, 104.094])[:, None, None]
-    std = torch.tensor([68.501, 66.632, 70.323])[:, None, None]
-    x = (images.float() - mean) / std
+    x = normalize(images.float())
     with torch.no_grad():
         t = vt.conv1(x).flatten(2).transpose(1, 2)
         t = torch.cat([vt.class_embedding.expand(2, 1, width), t], 1) + vt.positional_embedding
@@ -259,8 +258,7 @@ def _synthetic_fixtures(root: Path, *, width=96, heads=3, layers=2, patch=8, res
             "input_resolution": res, "patch_size": patch, "width": width, "layers": layers, "heads": heads,
             "head_dim": width // heads, "output_dim": out_dim, "mlp_ratio": 4,
         },
-        "conventions": {"image_normalisation": {"mean": mean.flatten().tolist(),
-                                                "std": std.flatten().tolist()}},
+        "conventions": {"image_normalisation": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}},
         "tolerances": {"recommended": {"fp32": {"atol": 1e-4, "rtol": 1e-4}}},
         "cases": [
             {
@@ -302,6 +300,18 @@ def test_other_model_config_and_batch_suffix(tmp_path: Path) -> None:
     results = replay(root, "torch")
     assert [r.passed for r in results] == [False, True]
     assert results[0].error and "does not match" in results[0].error
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_manifest_normalisation_must_equal_clip_constants(tmp_path: Path, key: str) -> None:
+    root = _synthetic_fixtures(tmp_path / "syn")
+    m = json.loads((root / "manifest.json").read_text())
+    m["conventions"]["image_normalisation"][key][1] += 0.5
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(
+        FixturesError, match=rf"image_normalisation\.{key}: expected naclip\.inference\.CLIP_"
+    ):
+        replay(root, "torch")
 
 
 @pytest.mark.parametrize("device", ["cpu"])
