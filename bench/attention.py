@@ -32,21 +32,19 @@ atomically and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import ctypes
-import datetime as _dt
 import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
 
 # (N, batch, grid): 197 = one 224 crop (x162 = all sliding-window crops of a 2048x1024 image, batched);
 # 16385 = a 2048x2048 image at patch 16.
@@ -84,31 +82,8 @@ FIELDS = [
 # --------------------------------------------------------------------------------------------- worker side
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def _rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return status_kb("VmRSS") * 1024
 
 
 class _RssPoller:
@@ -136,11 +111,11 @@ class _RssPoller:
 
 def _cpu_peak_extra(fn) -> tuple[int, str]:
     """Peak RSS growth during one call of ``fn`` (bytes) and the method used."""
-    _malloc_trim()
+    malloc_trim()
     rss0 = _rss_bytes()
-    if _reset_peak_rss():
+    if reset_peak_rss():
         fn()
-        return max(0, _status_kb("VmHWM") * 1024 - rss0), "VmHWM delta (clear_refs reset, malloc_trim)"
+        return max(0, status_kb("VmHWM") * 1024 - rss0), "VmHWM delta (clear_refs reset, malloc_trim)"
     with _RssPoller() as p:
         fn()
     return max(0, p.peak - rss0), "polled VmRSS delta (0.2 ms, malloc_trim)"
@@ -269,56 +244,6 @@ def _worker(cfg: dict) -> dict:
 # --------------------------------------------------------------------------------------------- driver side
 
 
-def _git_sha(root: Path) -> str:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        sha = r.stdout.strip() if r.returncode == 0 else "unknown (no commit)"
-        d = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        return sha + (" (dirty)" if d.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _machine(args) -> dict:
-    import torch
-
-    info = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "torch_threads": args.threads,
-        "git_sha": _git_sha(Path(__file__).resolve().parents[1]),
-        "device": args.device,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as e:  # noqa: BLE001 - informational only
-        info["triton"] = f"unavailable ({type(e).__name__})"
-    if args.device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def _ref_bytes(N: int, B: int) -> int:
     return 3 * B * HEADS * N * N * 4 + N * N * 4
 
@@ -336,14 +261,6 @@ def _run_case(cfg: dict, timeout: float) -> dict:
             return json.loads(line[len("RESULT ") :])
     tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"status": f"failed (exit {r.returncode}): {tail[0][:300]}"}
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -393,7 +310,7 @@ def _plot(rows: list[dict], path: Path) -> str | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    write_text(path, buf.getvalue())
     return None
 
 
@@ -442,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (600.0 if args.quick else 1800.0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = _machine(args)
+    machine = machine_info(args.device, threads=args.threads)
 
     rows: list[dict] = []
     for dtype in dtypes:
@@ -504,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k, "") for k in FIELDS})
-    _atomic_write(out_dir / f"{stem}.csv", buf.getvalue())
+    write_text(out_dir / f"{stem}.csv", buf.getvalue())
     meta = {
         "machine": machine,
         "heads": HEADS,
@@ -515,11 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory": __doc__.split("Peak memory:")[1].split("\n\n")[0].strip().replace("\n", " "),
         "rows": rows,
     }
-    _atomic_write(out_dir / f"{stem}.json", json.dumps(meta, indent=2))
+    write_text(out_dir / f"{stem}.json", json.dumps(meta, indent=2))
     plot_note = _plot(rows, out_dir / f"{stem}.png")
     print(
-        f"\nMachine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-        f"triton {machine['triton']}, {args.threads} threads, git {machine['git_sha']}, "
+        f"\nMachine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, "
+        f"torch {machine['versions']['torch']}, triton {machine['versions']['triton']}, "
+        f"{args.threads} threads, git {machine['git_sha']}"
+        f"{' (dirty)' if machine['git_dirty'] else ''}, "
         f"load at start {machine['loadavg_at_start']}"
     )
     print(f"Memory: {meta['memory']}\n")

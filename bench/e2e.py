@@ -48,18 +48,24 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+import io
 import json
 import os
-import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
+except ModuleNotFoundError as _e:  # run as a script (python bench/e2e.py): bench/ itself is sys.path[0]
+    if _e.name != "bench":
+        raise
+    from _meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -75,36 +81,6 @@ DEFAULT_REPEATS = {"slide_336x448": 5, "whole_336x448": 5, "single_1024": 3, "si
 NUM_QUERIES = 21
 GAUSSIAN_STD = 5.0
 GB = 1024**3
-
-
-# ------------------------------------------------------------------------------------------ memory helpers
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so the RSS baseline is not inflated by earlier frees."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ------------------------------------------------------------------------------------ official-style model
@@ -232,11 +208,11 @@ def _worker(
     # the torch runtime and what the forward itself allocates
     visual = open_clip.create_model("ViT-B-16", pretrained=None).visual.eval()
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     if mem_cap_gb:
         # address-space budget on top of what is mapped now (the CUDA build of torch maps GBs of virtual
         # memory at import), so an allocation beyond it fails with a clean error instead of swapping
-        limit = _status_kb("VmSize") * 1024 + int(mem_cap_gb * GB)
+        limit = status_kb("VmSize") * 1024 + int(mem_cap_gb * GB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     spec = CASES[case]
     H, W = spec["hw"]
@@ -261,16 +237,16 @@ def _worker(
             )
 
     times = []
-    base_kb = _status_kb("VmRSS")
-    reset_ok = _reset_peak_rss()
+    base_kb = status_kb("VmRSS")
+    reset_ok = reset_peak_rss()
     try:
         with torch.inference_mode():
             for _ in range(warmup):
                 run()
             gc.collect()
-            _malloc_trim()
-            base_kb = _status_kb("VmRSS")
-            reset_ok = _reset_peak_rss()
+            malloc_trim()
+            base_kb = status_kb("VmRSS")
+            reset_ok = reset_peak_rss()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 res = run()
@@ -282,9 +258,9 @@ def _worker(
             "case": case,
             "impl": impl,
             "status": f"out of memory (allocation budget {mem_cap_gb:g} GB above the loaded model)",
-            "peak_rss_gb": _status_kb("VmHWM") * 1024 / GB,
+            "peak_rss_gb": status_kb("VmHWM") * 1024 / GB,
         }
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     labels = res[0] if isinstance(res, tuple) else res.labels
     if labels_out:
         import numpy as np
@@ -344,51 +320,6 @@ def _run_worker(case: str, impl: str, args, labels_dir: Path) -> dict:
     return row
 
 
-def _machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown (no commit)", True
-    import open_clip
-
-    try:
-        import naclip
-
-        nver = getattr(naclip, "__version__", "unknown")
-    except ImportError:
-        nver = "unknown"
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    return {
-        "host": socket.gethostname(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "mem_total_gb": round(mem_gb, 1),
-        "loadavg": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "naclip": nver,
-        "git_sha": sha,
-        "git_dirty": dirty,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _label_agreement(rows: list[dict], labels_dir: Path) -> None:
     """Fraction of pixels whose label equals the ``official`` run's (same seed: same weights and image)."""
     import numpy as np
@@ -430,10 +361,12 @@ def _speedups(rows: list[dict]) -> list[dict]:
 def _markdown(rows: list[dict], speed: list[dict], machine: dict, threads: int) -> str:
     m = machine
     dirty = " dirty" if m["git_dirty"] else ""
+    load = m["loadavg_at_start"][0] if m["loadavg_at_start"] else float("nan")
     lines = [
         f"End-to-end, random-init ViT-B-16, fp32, {threads} threads, {NUM_QUERIES} queries, no PAMR "
-        f"({m['cpu']}, {m['cpu_count']} CPUs, {m['mem_total_gb']} GB; torch {m['torch']}, "
-        f"open_clip {m['open_clip']}; git {m['git_sha'][:10]}{dirty}; load avg {m['loadavg'][0]:.1f})",
+        f"({m['cpu_model']}, {m['cpu_count']} CPUs, {m['mem_total_gb']} GB; torch {m['versions']['torch']}, "
+        f"open_clip {m['versions']['open_clip']}; git {(m['git_sha'] or 'unknown')[:10]}{dirty}; "
+        f"load avg {load:.1f})",
         "",
         "| case | impl | mode | tokens | time median (s) | time min (s) | peak RSS (GB) "
         "| peak above base (GB) | labels = official |",
@@ -511,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.cases or [c for c in CASES if not (args.quick and c == "single_2048")]
     if args.quick and args.repeats is None:
         args.repeats = 2
-    machine = _machine()
+    machine = machine_info("cpu", threads=args.threads)
     rows: list[dict] = []
     labels_dir = Path(tempfile.mkdtemp(prefix="naclip_e2e_"))
     for case in cases:
@@ -557,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_min_s", "peak_rss_gb", "rss_before_gb", "peak_above_base_gb", "labels_agree_with_official",
         "process_wall_s", "status", "note",
     ]  # fmt: skip
-    _atomic_write(stem.with_suffix(".csv"), lambda f: _write_csv(f, rows, fields))
+    write_text(stem.with_suffix(".csv"), _csv_text(rows, fields))
     payload = {
         "machine": machine,
         "threads": args.threads,
@@ -565,24 +498,19 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "speedups": speed,
     }
-    _atomic_write(stem.with_suffix(".json"), lambda f: json.dump(payload, f, indent=1))
-    _atomic_write(stem.with_suffix(".md"), lambda f: f.write(md))
+    write_text(stem.with_suffix(".json"), json.dumps(payload, indent=1))
+    write_text(stem.with_suffix(".md"), md)
     print(f"wrote {stem}.csv/.json/.md")
     return 0 if all(r.get("status") in ("ok", "not run") for r in rows) else 1
 
 
-def _write_csv(f, rows, fields) -> None:
-    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+def _csv_text(rows, fields) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
+    return buf.getvalue()
 
 
 if __name__ == "__main__":

@@ -22,21 +22,21 @@ The text classifier (80 templates x 56 VOC21 queries) is computed once before ti
 reuses the same Segmenter (only its ``config`` changes), so all see the same weights and cached text features.
 images/s = images / (sum of per-image loader wait + predict + record time) of the measured pass, after
 ``--warmup`` images. PAMR is off unless ``--pamr`` (it does not depend on the variant). Writes
-``eval_speed_<device>[_quick].json`` atomically into ``--out`` and prints a Markdown table.
+``eval_speed_<device>[_quick].json`` atomically into ``--out`` (with ``machine``: host, CPU, versions, git sha
+and dirty flag, see ``bench/_meta.py``) and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench._meta import machine_info, write_text
 
 VARIANTS = ("slide-batched", "slide-loop", "whole")
 
@@ -49,12 +49,6 @@ def _size(text: str) -> tuple[int, int]:
     if h < 16 or w < 16:
         raise argparse.ArgumentTypeError(f"expected both sides >= 16, got {text!r}")
     return h, w
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _small_text_variant(model: str, folder: Path) -> str:
@@ -86,6 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = machine_info(device)  # before the run: the load average at start
     tmp = Path(tempfile.mkdtemp(prefix="naclip-eval-speed-"))
     n = args.images + args.warmup
     make_synthetic_dataset("voc21", tmp / "voc", num_images=n, sizes=[args.size], seed=0)
@@ -151,17 +146,13 @@ def run(args: argparse.Namespace) -> dict:
         speedup = by["slide-batched"]["images_per_s"] / by["slide-loop"]["images_per_s"]
     return {
         "benchmark": "eval_speed",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
         "model": args.model,
         "weights": "random init",
         "text_tower": "full" if args.full_text else "1 block, width 64 (image tower unchanged)",
         "device": device,
         "dtype": str(seg.dtype),
         "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "torch": torch.__version__,
         "image_size_hw": list(args.size),
         "short_side": preset.short_side,
         "pamr": args.pamr,
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"eval_speed_{res['device'].split(':')[0]}{'_quick' if args.quick else ''}.json"
-    _atomic_write(out / name, json.dumps(res, indent=2) + "\n")
+    write_text(out / name, json.dumps(res, indent=2) + "\n")
     print(markdown(res), end="")
     print(f"wrote {out / name}", file=sys.stderr)
     return 0

@@ -30,16 +30,21 @@ _default_backend: str | None = None  # None -> read ENV_VAR lazily, then "auto"
 
 
 def _check_backend_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
-        raise ValueError(f"{what} must be one of {', '.join(repr(b) for b in BACKENDS)}; got {name!r}")
+    """``name`` normalised (stripped, lower case); TypeError for a non-str, ValueError for an unknown name."""
+    expected = f"{what} must be one of {', '.join(repr(b) for b in BACKENDS)}"
+    if not isinstance(name, str):
+        raise TypeError(f"{expected}; got {name!r} of type {type(name).__name__}")
+    if name.strip().lower() not in BACKENDS:
+        raise ValueError(f"{expected}; got {name!r}")
     return name.strip().lower()
 
 
 def set_default_backend(name: str | None) -> None:
     """Set the process-wide default backend used when ``gaussian_attention(..., backend=None)``.
 
-    ``name`` is one of :data:`BACKENDS`; ``None`` clears the setting, so the env var ``NACLIP_ATTN_BACKEND``
-    (read at each call) or, failing that, ``"auto"`` applies again.
+    ``name`` is one of :data:`BACKENDS` (case-insensitive); ``None`` clears the setting, so the env var
+    ``NACLIP_ATTN_BACKEND`` (read at each call) or, failing that, ``"auto"`` applies again. ``TypeError``
+    for a non-str, ``ValueError`` for an unknown name.
     """
     global _default_backend
     _default_backend = None if name is None else _check_backend_name(name, "backend")
@@ -130,8 +135,9 @@ def gaussian_attention(
         ``[B, H, N, D]`` contiguous tensor in the input dtype. NaN inputs propagate to NaN outputs.
 
     Raises:
-        TypeError / ValueError: invalid inputs (naming the argument, expected and received values); an unknown
-            backend name; a forced backend that cannot take these inputs (the message lists every reason).
+        TypeError / ValueError: invalid inputs (naming the argument, expected and received values); a
+            non-str ``backend`` (TypeError) or an unknown backend name (ValueError); a forced backend that
+            cannot take these inputs (ValueError; the message lists every reason).
     """
     spec = check_inputs(
         q, k, v, grid_hw, sigma, scale=scale, num_prefix_tokens=num_prefix_tokens, bias_scale=bias_scale

@@ -33,6 +33,7 @@ __all__ = ["torch_attention", "plan_chunks", "clear_workspace", "ChunkPlan", "DE
 #: Default byte budget for the per-chunk bias slice plus one output chunk. Overridable with the env var
 #: ``NACLIP_TORCH_CHUNK_BYTES`` (read per call) or the ``budget_bytes`` argument.
 DEFAULT_BUDGET_BYTES = 32 * 2**20
+_ENV_BUDGET = "NACLIP_TORCH_CHUNK_BYTES"
 #: Query rows per SDPA call below which torch's CPU flash-attention kernel switches from 256-row to 64/32-row
 #: query blocks (measured ~1.5-3x slower per row), so chunks are kept at least this tall when N allows. This
 #: is a property of the kernel, not of N: the memory stays O(N * chunk).
@@ -62,6 +63,20 @@ class ChunkPlan:
         return self.mask_bytes + self.out_bytes
 
 
+def _env_budget() -> int:
+    """``$NACLIP_TORCH_CHUNK_BYTES`` as an int (unset or empty -> :data:`DEFAULT_BUDGET_BYTES`); ValueError
+    naming the variable for a value that is not an integer."""
+    env = os.environ.get(_ENV_BUDGET)
+    if env is None or env.strip() == "":
+        return DEFAULT_BUDGET_BYTES
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {_ENV_BUDGET} must be an integer number of bytes; got {env!r}"
+        ) from None
+
+
 def plan_chunks(
     spec: AttentionSpec, budget_bytes: int | None = None, *, min_rows: int = MIN_EFFICIENT_ROWS
 ) -> ChunkPlan:
@@ -76,8 +91,7 @@ def plan_chunks(
     or ``N <= min_rows``.
     """
     if budget_bytes is None:
-        env = os.environ.get("NACLIP_TORCH_CHUNK_BYTES")
-        budget_bytes = int(env) if env else DEFAULT_BUDGET_BYTES
+        budget_bytes = _env_budget()
     budget = max(int(budget_bytes), 1)
     N, H, D, B = spec.N, spec.H, spec.D, spec.B
     itemsize = torch.empty((), dtype=spec.dtype).element_size()
@@ -220,6 +234,15 @@ def band_radius(sigma: float, bias_scale: float) -> int:
     ``R = floor(sigma * sqrt(2 ln(|bias_scale| / eps)))``. Dropping additive logit terms ``|delta_j| < eps``
     from one softmax row scales every probability by a factor in ``[e^-2eps, e^2eps]``, so the output moves by
     at most ``(e^(2 eps) - 1) * max|v| ~ 1.2e-7 * max|v|``: exact to float32 resolution.
+
+    Rounding: this is the *tight* radius (the smallest ``R`` with the bound, up to the float rounding of
+    ``sqrt``/``log``; pinned by the tests), because here every extra band row costs a masked key range.
+    The Triton backend's ``band_rows`` uses the same formula with ``+ 1`` (absorbing that rounding; a wider
+    band only makes more key tiles take the exact masked path, and tiles are ``BLOCK_N`` keys wide anyway)
+    and clamps to ``gh - 1``; it also returns -1 only for ``|bias_scale| < eps`` where this returns -1 for
+    ``|bias_scale| <= eps``. Both drop only terms ``|bias_scale * G| <= eps`` (``< eps`` up to one ulp of
+    the formula), so both stay within the float32 bound above. For ``|bias_scale| > eps`` the two satisfy
+    ``band_rows(sigma, bias_scale, gh) == min(band_radius(sigma, bias_scale) + 1, gh - 1)``.
     """
     ratio = abs(bias_scale) / BAND_EPS
     if ratio <= 1.0:

@@ -31,11 +31,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from naclip.inference import MODES
+from naclip.segmenter import resolve_dtype
+from naclip.strategies import STRATEGIES
+from naclip_kernels.api import BACKENDS
+
 __all__ = ["add_eval_parser", "add_score_parser", "main", "run_eval", "run_score"]
 
+#: ``--dtype`` choices, parsed by :func:`naclip.segmenter.resolve_dtype` (the one dtype table).
 DTYPES = ("fp32", "fp16", "bf16")
-MODES = ("whole", "slide", "single")
-BACKENDS = ("auto", "torch", "triton", "reference")
+#: torch dtype -> its ``--dtype`` name (for results.json), derived from the same table.
+_DTYPE_NAMES = {resolve_dtype(n): n for n in DTYPES}
 EXIT_OK, EXIT_USAGE = 0, 2
 
 #: The paper's fixed settings (spec §3); per-dataset ones come from the preset.
@@ -123,7 +129,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-config", metavar="JSON", help="register an open_clip model config file (stem = name)"
     )
-    p.add_argument("--method", metavar="NAME", help="attention strategy (default naclip)")
+    p.add_argument("--method", choices=list(STRATEGIES), help="attention strategy (default naclip)")
     p.add_argument("--mode", choices=MODES, help="inference mode (default: the preset's)")
     p.add_argument(
         "--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR (default: preset's)"
@@ -140,7 +146,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=DTYPES, help="model dtype (default: the library's choice for the device)"
     )
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="attention kernel backend")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="attention kernel backend (default: $NACLIP_ATTN_BACKEND, else auto; an explicit value, auto "
+        "included, overrides the variable)",
+    )
     p.add_argument("--seed", type=_nonneg_int, default=0, help="torch seed before building the model")
     p.add_argument(
         "--save-pred",
@@ -233,14 +244,6 @@ def _open_dataset(args, pred_dir=None):
         raise EvalUserError(str(e)) from None
 
 
-def _torch_dtype(name: str | None):
-    import torch
-
-    return (
-        None if name is None else {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    )
-
-
 def resolve_settings(args, preset) -> dict:
     """Effective settings (explicit flags > paper / preset > library defaults); EvalUserError on conflicts."""
     pamr = preset.pamr if args.pamr is None else args.pamr
@@ -300,10 +303,10 @@ def _build_predictor(settings: dict, args, device: str):
             settings["model"],
             pretrained,
             device=device,
-            dtype=_torch_dtype(args.dtype),
+            dtype=resolve_dtype(args.dtype),
             method=settings["method"],
             checkpoint=ckpt,
-            backend=None if args.backend == "auto" else args.backend,
+            backend=args.backend,  # None = the library default ($NACLIP_ATTN_BACKEND, else "auto")
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         # RuntimeError covers naclip.hub.WeightsUnavailableError (offline, no local checkpoint).
@@ -323,12 +326,16 @@ def make_segmenter_predictor(seg, settings: dict):
     return predict
 
 
-def _label_png_writer(pred_dir: str | None):
-    """``on_prediction`` callback writing ``<stem>.png`` (uint8 class ids, greyscale) atomically, or None."""
+def _label_png_writer(pred_dir: str | None, dataset=None):
+    """``on_prediction`` callback writing ``<stem>.png`` (uint8 class ids, greyscale) atomically
+    (:func:`naclip.io.atomic_write`), or None. With ``dataset``, the image's own image and label files are
+    protected (ValueError instead of overwriting an input)."""
     if pred_dir is None:
         return None
     import numpy as np
     from PIL import Image
+
+    from naclip.io import atomic_write
 
     out = Path(pred_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,10 +344,12 @@ def _label_png_writer(pred_dir: str | None):
         arr = labels.cpu().numpy()
         if arr.size and int(arr.max()) > 255:
             raise ValueError(f"--save-pred: label {int(arr.max())} does not fit an 8-bit PNG")
-        dst = out / f"{item['stem']}.png"
-        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-        Image.fromarray(arr.astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, dst)
+        protect = ()
+        if dataset is not None:
+            sample = dataset.samples[item["index"]]
+            protect = (sample.image_path, sample.label_path)
+        im = Image.fromarray(arr.astype(np.uint8))
+        atomic_write(out / f"{item['stem']}.png", lambda f: im.save(f, format="PNG"), protect=protect)
 
     return write
 
@@ -426,6 +435,7 @@ def _run_eval(args) -> int:
     from naclip.eval.paper import paper_miou
     from naclip.eval.runner import evaluate, select_indices
     from naclip.presets import get_preset
+    from naclip_kernels import get_default_backend
 
     try:
         name = canonical_dataset_name(args.dataset)
@@ -441,9 +451,7 @@ def _run_eval(args) -> int:
     t0 = time.perf_counter()
     predictor, seg = _build_predictor(settings, args, device)
     t_load = time.perf_counter() - t0
-    dtype = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(
-        str(seg.dtype), str(seg.dtype)
-    )
+    dtype = _DTYPE_NAMES.get(seg.dtype, str(seg.dtype))
     extra = {"dtype": dtype, "device_type": device.split(":")[0]}
     if settings["pretrained"] in (None, "none", ""):
         extra["seed"] = args.seed
@@ -465,7 +473,7 @@ def _run_eval(args) -> int:
             num_workers=args.workers,
             progress=progress,
             progress_desc=f"eval {name}",
-            on_prediction=_label_png_writer(args.save_pred),
+            on_prediction=_label_png_writer(args.save_pred, dataset),
         )
     except (OSError, ValueError) as e:
         raise EvalUserError(str(e)) from None
@@ -479,7 +487,7 @@ def _run_eval(args) -> int:
     config = dict(
         settings, paper=bool(args.paper), dtype=dtype, device=device, seed=args.seed, workers=args.workers
     )
-    config["backend"] = args.backend
+    config["backend"] = args.backend if args.backend is not None else get_default_backend()
     _finish(args, dataset, outcome, config=config, paper=paper, device=device, world=world, timing=timing)
     return EXIT_OK
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from naclip.eval.datasets import DATASETS, load_label_png
+from naclip.io import atomic_write
 
 __all__ = [
     "RAW_THING_VALUES",
@@ -130,9 +131,8 @@ def convert_coco_object(
             skipped += 1
             continue
         out = fn(load_label_png(src), what=str(src))
-        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-        Image.fromarray(out).save(tmp, format="PNG")
-        os.replace(tmp, dst)
+        im = Image.fromarray(out)
+        atomic_write(dst, lambda f, im=im: im.save(f, format="PNG"), protect=(src,))
         written += 1
     return written, skipped
 

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from naclip.eval.metrics import IGNORE_INDEX
+from naclip.presets import get_preset
 
 __all__ = [
     "DATASETS",
@@ -53,12 +54,12 @@ __all__ = [
 class DatasetSpec:
     """Static description of one benchmark layout (see the module table).
 
-    ``img_dir``/``ann_dir``/``split_file`` may contain ``{split}`` (after ``split_names`` mapping).
+    ``img_dir``/``ann_dir``/``split_file`` may contain ``{split}`` (after ``split_names`` mapping). ``title``
+    and ``num_classes`` come from the preset of the same name (:func:`naclip.presets.get_preset`), the one
+    place that defines them.
     """
 
     name: str
-    title: str
-    num_classes: int
     reduce_zero_label: bool
     root_candidates: tuple[str, ...]
     img_dir: str
@@ -70,6 +71,16 @@ class DatasetSpec:
 
     def split_name(self, split: str) -> str:
         return dict(self.split_names).get(split, split)
+
+    @property
+    def title(self) -> str:
+        """Human-readable name, the preset's ``title``."""
+        return get_preset(self.name).title
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``C`` (labels ``0..C-1``), the preset's class count."""
+        return get_preset(self.name).classes.num_classes
 
 
 _VOC = dict(
@@ -99,25 +110,14 @@ _COCO = dict(
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in (
-        DatasetSpec("voc21", "PASCAL VOC 2012 (21 classes)", 21, False, **_VOC),
-        DatasetSpec("voc20", "PASCAL VOC 2012 without background (20 classes)", 20, True, **_VOC),
-        DatasetSpec("context60", "PASCAL Context (60 classes)", 60, False, **_CONTEXT),
-        DatasetSpec("context59", "PASCAL Context without background (59 classes)", 59, True, **_CONTEXT),
-        DatasetSpec(
-            "coco_object", "COCO-Object (81 classes)", 81, False, seg_suffix="_instanceTrainIds.png", **_COCO
-        ),
-        DatasetSpec(
-            "coco_stuff",
-            "COCO-Stuff 164k (171 classes)",
-            171,
-            False,
-            seg_suffix="_labelTrainIds.png",
-            **_COCO,
-        ),
+        DatasetSpec("voc21", False, **_VOC),
+        DatasetSpec("voc20", True, **_VOC),
+        DatasetSpec("context60", False, **_CONTEXT),
+        DatasetSpec("context59", True, **_CONTEXT),
+        DatasetSpec("coco_object", False, seg_suffix="_instanceTrainIds.png", **_COCO),
+        DatasetSpec("coco_stuff", False, seg_suffix="_labelTrainIds.png", **_COCO),
         DatasetSpec(
             "cityscapes",
-            "Cityscapes (19 classes)",
-            19,
             False,
             root_candidates=(".", "cityscapes"),
             img_dir="leftImg8bit/{split}",
@@ -127,8 +127,6 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "ade20k",
-            "ADE20k (150 classes)",
-            150,
             True,
             root_candidates=(".", "ADEChallengeData2016", "ade/ADEChallengeData2016"),
             img_dir="images/{split}",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from naclip.eval.metrics import HIST_SIZE
+from naclip.io import atomic_write
 
 __all__ = ["LogState", "RecordLog", "encode_record", "read_log", "read_logs", "records_to_hist"]
 
@@ -145,7 +146,8 @@ def records_to_hist(records: dict[int, tuple[np.ndarray, np.ndarray]], indices=N
 
 class RecordLog:
     """Writer for one log file. Opening an existing file checks its fingerprint and truncates a torn tail;
-    a new file gets its header written atomically (temp file + ``os.replace``) and the folder fsynced."""
+    a new file gets its header written atomically (:func:`naclip.io.atomic_write`) and the folder fsynced.
+    Records are then appended in place (``append``): an append-only log, not an atomic rewrite."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict) -> None:
         self.path = Path(path)
@@ -156,13 +158,8 @@ class RecordLog:
             fp = _fingerprint_bytes(fingerprint)
             head = _FILE_HEAD.pack(_FILE_MAGIC, _VERSION, len(fp)) + fp
             head += struct.pack("<I", zlib.crc32(head))
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(head)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            atomic_write(self.path, lambda f: f.write(head))  # temp file, fsync, os.replace
+            _fsync_dir(self.path.parent)  # make the new directory entry durable before records follow
         else:
             if state.fingerprint != fingerprint:
                 read_logs([self.path], fingerprint)  # raises with the differing keys

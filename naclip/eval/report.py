@@ -13,8 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from naclip.eval.metrics import Metrics
+from naclip.io import atomic_write
 
-__all__ = ["build_results", "environment_info", "markdown_table", "unique_names", "write_outputs"]
+__all__ = [
+    "build_results",
+    "environment_info",
+    "git_state",
+    "markdown_table",
+    "naclip_version",
+    "unique_names",
+    "write_outputs",
+]
 
 RESULTS_FORMAT = 1
 
@@ -31,8 +40,31 @@ def unique_names(names: list[str]) -> list[str]:
     return [n if seen[n] == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def _git_sha() -> str | None:
-    """HEAD of the git checkout this file lives in (None for an installed copy or without git)."""
+def _dist_version(dist: str) -> str | None:
+    """Installed distribution version from its metadata, None when it is not installed."""
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - metadata missing in a source checkout
+        return None
+
+
+def naclip_version() -> str | None:
+    """``naclip.__version__`` when the package defines one, else the installed distribution's version
+    (``importlib.metadata``), else None."""
+    import naclip
+
+    v = getattr(naclip, "__version__", None)
+    return str(v) if v else _dist_version("naclip")
+
+
+def git_state() -> dict:
+    """``{"git_sha": HEAD or None, "git_dirty": bool or None}`` of the git checkout holding this source.
+
+    Both are None for an installed copy (e.g. site-packages inside another repository), without git, or when
+    git fails; ``git_dirty`` is True only when ``git status --porcelain`` ran and listed changes.
+    """
     here = Path(__file__).resolve()
 
     def git(*args: str) -> str | None:
@@ -42,32 +74,32 @@ def _git_sha() -> str | None:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+        return out.stdout.strip() if out.returncode == 0 else None
 
+    unknown = {"git_sha": None, "git_dirty": None}
     top = git("rev-parse", "--show-toplevel")
-    if top is None or (Path(top) / "naclip" / "eval" / here.name).resolve() != here:
-        return None  # not the naclip source checkout (e.g. site-packages inside another repository)
-    return git("rev-parse", "HEAD")
+    if not top or (Path(top) / "naclip" / "eval" / here.name).resolve() != here:
+        return unknown  # not the naclip source checkout
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return unknown  # e.g. no commit yet
+    status = git("status", "--porcelain")
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
 
 def environment_info(device: str | None = None) -> dict:
-    """Versions (python, naclip, torch, open_clip, numpy, pillow), CUDA device name, git sha of the source."""
+    """Versions (python, naclip, torch, open_clip, numpy, pillow), CUDA device name, and :func:`git_state`
+    (git sha and dirty flag of the source): ``{"versions": {...}, "git_sha": ..., "git_dirty": ...}``.
+
+    The one place that collects this; the benchmarks (``bench/_meta.py``) build on it."""
     import PIL
     import torch
 
-    def _ver(mod: str) -> str | None:
-        try:
-            from importlib.metadata import version
-
-            return version(mod)
-        except Exception:  # noqa: BLE001 - metadata missing in a source checkout
-            return None
-
     info = {
         "python": platform.python_version(),
-        "naclip": _ver("naclip"),
+        "naclip": naclip_version(),
         "torch": torch.__version__,
-        "open_clip": _ver("open_clip_torch"),
+        "open_clip": _dist_version("open_clip_torch"),
         "numpy": np.__version__,
         "pillow": PIL.__version__,
         "cuda": torch.version.cuda,
@@ -77,7 +109,7 @@ def environment_info(device: str | None = None) -> dict:
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
     else:
         info["device_name"] = platform.processor() or platform.machine()
-    return {"versions": info, "git_sha": _git_sha()}
+    return {"versions": info, **git_state()}
 
 
 def build_results(
@@ -155,13 +187,8 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, hist) -> dict[str, Path]:
@@ -170,8 +197,8 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, hist) -> dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "confusion": out / "confusion.npy"}
-    _atomic_write(paths["json"], (json.dumps(results, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    _atomic_write(paths["md"], markdown_table(results).encode("utf-8"))
+    _write_bytes(paths["json"], (json.dumps(results, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    _write_bytes(paths["md"], markdown_table(results).encode("utf-8"))
     arr = np.ascontiguousarray(
         np.asarray(hist.cpu().numpy() if hasattr(hist, "cpu") else hist, dtype=np.int64)
     )
@@ -179,5 +206,5 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, hist) -> dict[str, 
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    _atomic_write(paths["confusion"], buf.getvalue())
+    _write_bytes(paths["confusion"], buf.getvalue())
     return paths

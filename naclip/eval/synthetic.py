@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from naclip.eval.datasets import DATASETS, canonical_dataset_name
+from naclip.io import atomic_write, voc_palette
 
 __all__ = ["make_synthetic_dataset", "STORED_VALUE_RANGE"]
 
@@ -30,25 +31,6 @@ STORED_VALUE_RANGE = {
     "cityscapes": (0, 18),
     "ade20k": (0, 150),
 }
-
-_VOC_PALETTE = None
-
-
-def _voc_palette() -> list[int]:
-    global _VOC_PALETTE
-    if _VOC_PALETTE is None:
-        pal = []
-        for i in range(256):
-            r = g = b = 0
-            c = i
-            for j in range(8):
-                r |= ((c >> 0) & 1) << (7 - j)
-                g |= ((c >> 1) & 1) << (7 - j)
-                b |= ((c >> 2) & 1) << (7 - j)
-                c >>= 3
-            pal += [r, g, b]
-        _VOC_PALETTE = pal
-    return _VOC_PALETTE
 
 
 def _blocks(rng: np.random.Generator, h: int, w: int, lo: int, hi: int, ignore_frac: float) -> np.ndarray:
@@ -67,18 +49,15 @@ def _save_png(arr: np.ndarray, path: Path, palette: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
     if palette:
-        im.putpalette(_voc_palette())  # 'L' -> 'P', indices unchanged
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+        im.putpalette(voc_palette().tobytes())  # 'L' -> 'P', indices unchanged
+    atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 def _save_image(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(tmp, format=fmt, quality=95)
-    os.replace(tmp, path)
+    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
+    atomic_write(path, lambda f: im.save(f, format=fmt, quality=95))
 
 
 def make_synthetic_dataset(
@@ -146,5 +125,6 @@ def make_synthetic_dataset(
     if spec.split_file is not None:
         split_path = base / spec.split_file.format(split="val")
         split_path.parent.mkdir(parents=True, exist_ok=True)
-        split_path.write_text("".join(f"{s}\n" for s in ids))
+        text = "".join(f"{s}\n" for s in ids).encode("utf-8")
+        atomic_write(split_path, lambda f: f.write(text))
     return out

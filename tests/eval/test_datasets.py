@@ -262,3 +262,38 @@ def test_coco_object_converter_errors(tmp_path, capsys):
         p.unlink()
     with pytest.raises(FileNotFoundError, match="neither <id>_labelTrainIds.png nor the raw"):
         convert_coco_object(Path(tmp_path))
+
+
+#: Class counts of the benchmarks (spec §3), independent of the code under test.
+EXPECTED_CLASSES = {
+    "voc21": 21,
+    "voc20": 20,
+    "context60": 60,
+    "context59": 59,
+    "coco_object": 81,
+    "coco_stuff": 171,
+    "cityscapes": 19,
+    "ade20k": 150,
+}
+
+
+@pytest.mark.parametrize("name", list(DATASETS), ids=list(DATASETS))
+def test_spec_title_and_classes_agree_with_preset(name):
+    from naclip.presets import get_preset
+
+    spec, preset = DATASETS[name], get_preset(name)
+    assert spec.num_classes == EXPECTED_CLASSES[name] == len(preset.class_names)
+    assert spec.title == preset.title
+    assert spec.title.endswith(f"({spec.num_classes} classes)")
+
+
+def test_synthetic_palette_is_the_voc_palette(tmp_path):
+    from naclip.io import voc_palette
+
+    make_synthetic_dataset("voc21", tmp_path, num_images=1, seed=0)
+    ds = EvalDataset("voc21", tmp_path)
+    with Image.open(ds.samples[0].label_path) as im:
+        assert im.mode == "P"
+        pal = np.array(im.getpalette(), dtype=np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(pal, voc_palette()[: len(pal)])
+    assert not list(tmp_path.rglob("*.tmp*")), "temporary files left behind"

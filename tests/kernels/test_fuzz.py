@@ -6,11 +6,15 @@ deadline (a shared 2-core CI box has erratic timings).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from unittest import mock
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from naclip_kernels import check_inputs, gaussian_attention, reference_attention
+from naclip_kernels import api, check_inputs, gaussian_attention, reference_attention
 from naclip_kernels.torch_backend import plan_chunks, torch_attention
 
 FUZZ = settings(
@@ -95,13 +99,39 @@ def test_torch_backend_matches_reference(p):
     assert err <= TOL[p["dtype"]] * max(ref.abs().max().item(), 1e-6), (err, p)
 
 
+@contextlib.contextmanager
+def _default_from(source: str):
+    """Make ``backend=None`` resolve through ``source`` (nothing set / the env var / set_default_backend);
+    yields the api function expected to run on CPU tensors. Restores the env var and the default after."""
+    with (
+        mock.patch.dict(os.environ),
+        mock.patch.object(api, "_default_backend", None),
+    ):
+        os.environ.pop(api.ENV_VAR, None)
+        if source == "env-reference":
+            os.environ[api.ENV_VAR] = "reference"
+        elif source == "env-torch":
+            os.environ[api.ENV_VAR] = " Torch "
+        elif source == "set-reference":
+            os.environ[api.ENV_VAR] = "torch"  # set_default_backend wins over the env var
+            api.set_default_backend("reference")
+        yield "reference_attention" if source.endswith("reference") else "torch_attention"
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
-@given(problems())
-def test_public_entry_point_default_backend(p):
+@given(problems(), st.sampled_from(["unset", "env-torch", "env-reference", "set-reference"]))
+def test_public_entry_point_default_backend(p, source):
     q, k, v = _make(p)
     grid = (p["gh"], p["gw"]) if p["use_grid"] else None
     kw = dict(scale=p["scale"], num_prefix_tokens=p["P"], bias_scale=p["bias_scale"])
-    out = gaussian_attention(q, k, v, grid, p["sigma"], backend="torch", **kw)
+    with (
+        _default_from(source) as expected,
+        mock.patch.object(api, "torch_attention", wraps=api.torch_attention) as t_spy,
+        mock.patch.object(api, "reference_attention", wraps=api.reference_attention) as r_spy,
+    ):
+        out = gaussian_attention(q, k, v, grid, p["sigma"], **kw)  # backend=None: the default selection
+    ran = [name for name, spy in (("torch_attention", t_spy), ("reference_attention", r_spy)) if spy.called]
+    assert ran == [expected], (source, ran)
     ref = reference_attention(q.float(), k.float(), v.float(), grid, p["sigma"], **kw)
     assert out.dtype == p["dtype"] and out.shape == ref.shape and torch.isfinite(out).all()
     err = (out.float() - ref).abs().max().item()

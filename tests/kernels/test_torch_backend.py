@@ -174,6 +174,17 @@ def test_env_budget_is_read(monkeypatch):
     assert plan_chunks(spec, min_rows=1).q_chunk == spec.N
 
 
+@pytest.mark.parametrize("value", ["32MB", "1e6", "4000.5"])
+def test_bad_env_budget_names_the_variable(monkeypatch, value):
+    k = torch.randn(1, 1, 1 + 3 * 3, 8)
+    spec = check_inputs(k, k, k, (3, 3), 2.0)
+    monkeypatch.setenv("NACLIP_TORCH_CHUNK_BYTES", value)
+    with pytest.raises(ValueError, match=rf"NACLIP_TORCH_CHUNK_BYTES must be an integer .*got '{value}'"):
+        plan_chunks(spec)
+    with pytest.raises(ValueError, match="NACLIP_TORCH_CHUNK_BYTES"):
+        torch_attention(k, k, k, spec)
+
+
 def test_nan_propagates():
     q, k, v = _qkv(2, 2, 1 + 4 * 4, 16)
     kn = k.clone()
@@ -321,6 +332,19 @@ def test_band_radius_bound_is_tight(sigma, bias_scale):
     assert g(R + 1) < BAND_EPS <= g(R)
     if (sigma, bias_scale) == (5.0, 1.0):
         assert R == 28
+
+
+@pytest.mark.parametrize(
+    "sigma,bias_scale,gh",
+    [(5.0, 1.0, 64), (5.0, 1.0, 20), (0.5, 1.0, 9), (1.0, 50.0, 128), (2.0, -3.0, 7), (80.0, 8.0, 300)],
+    ids=str,
+)
+def test_band_radius_vs_triton_band_rows(sigma, bias_scale, gh):
+    """The documented relation between the two rounding choices (torch: tight R; Triton: R + 1, clamped)."""
+    tb = pytest.importorskip("naclip_kernels.triton_backend")
+    from naclip_kernels.torch_backend import band_radius
+
+    assert tb.band_rows(sigma, bias_scale, gh) == min(band_radius(sigma, bias_scale) + 1, gh - 1)
 
 
 def _count_flash(monkeypatch):
