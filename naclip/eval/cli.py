@@ -31,17 +31,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from naclip.cli import DTYPES, non_negative_int, positive_int, probability
 from naclip.inference import MODES
-from naclip.segmenter import resolve_dtype
+from naclip.segmenter import dtype_name, resolve_dtype
 from naclip.strategies import STRATEGIES
 from naclip_kernels.api import BACKENDS
 
 __all__ = ["add_eval_parser", "add_score_parser", "main", "run_eval", "run_score"]
 
-#: ``--dtype`` choices, parsed by :func:`naclip.segmenter.resolve_dtype` (the one dtype table).
-DTYPES = ("fp32", "fp16", "bf16")
-#: torch dtype -> its ``--dtype`` name (for results.json), derived from the same table.
-_DTYPE_NAMES = {resolve_dtype(n): n for n in DTYPES}
 EXIT_OK, EXIT_USAGE = 0, 2
 
 #: The paper's fixed settings (spec §3); per-dataset ones come from the preset.
@@ -66,33 +63,6 @@ class EvalUserError(Exception):
     """Bad invocation or data (printed as one ``error:`` line, exit status 2)."""
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     from naclip.eval.datasets import DATASETS
 
@@ -107,8 +77,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", default="val", help="split to evaluate")
     p.add_argument("--out", metavar="DIR", help="output folder (default: naclip_eval/<dataset>[_score])")
-    p.add_argument("--limit", type=_pos_int, metavar="N", help="only the first N images of the split")
-    p.add_argument("--workers", type=_nonneg_int, default=2, metavar="N", help="DataLoader worker processes")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of the split")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=2, metavar="N", help="DataLoader worker processes"
+    )
     prog = p.add_mutually_exclusive_group()
     prog.add_argument(
         "--progress", dest="progress", action="store_true", default=None, help="show a progress bar"
@@ -135,11 +107,13 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR (default: preset's)"
     )
     p.add_argument(
-        "--prob-thd", type=_probability, metavar="P", help="background threshold (default: preset's)"
+        "--prob-thd", type=probability, metavar="P", help="background threshold (default: preset's)"
     )
-    p.add_argument("--short-side", type=_pos_int, metavar="PX", help="resize short side (default: preset's)")
-    p.add_argument("--crop", type=_pos_int, metavar="PX", help="slide crop size (default 224)")
-    p.add_argument("--stride", type=_pos_int, metavar="PX", help="slide stride (default 112)")
+    p.add_argument(
+        "--short-side", type=positive_int, metavar="PX", help="resize short side (default: preset's)"
+    )
+    p.add_argument("--crop", type=positive_int, metavar="PX", help="slide crop size (default 224)")
+    p.add_argument("--stride", type=positive_int, metavar="PX", help="slide stride (default 112)")
     p.add_argument(
         "--device", help="torch device (default cuda if available, else cpu; per rank under torchrun)"
     )
@@ -152,7 +126,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         help="attention kernel backend (default: $NACLIP_ATTN_BACKEND, else auto; an explicit value, auto "
         "included, overrides the variable)",
     )
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="torch seed before building the model")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="torch seed before building the model")
     p.add_argument(
         "--save-pred",
         metavar="DIR",
@@ -451,7 +425,7 @@ def _run_eval(args) -> int:
     t0 = time.perf_counter()
     predictor, seg = _build_predictor(settings, args, device)
     t_load = time.perf_counter() - t0
-    dtype = _DTYPE_NAMES.get(seg.dtype, str(seg.dtype))
+    dtype = dtype_name(seg.dtype)
     extra = {"dtype": dtype, "device_type": device.split(":")[0]}
     if settings["pretrained"] in (None, "none", ""):
         extra["seed"] = args.seed
