@@ -65,7 +65,7 @@ def test_dtype_reaches_segmenter(tmp_path, captured_from_pretrained, extra, expe
 
 def test_choice_lists_are_the_libraries():
     from naclip.inference import MODES
-    from naclip.segmenter import resolve_dtype
+    from naclip.segmenter import dtype_name, resolve_dtype
     from naclip.strategies import STRATEGIES
     from naclip_kernels.api import BACKENDS
 
@@ -73,8 +73,9 @@ def test_choice_lists_are_the_libraries():
     assert tuple(actions["mode"].choices) == tuple(MODES)
     assert tuple(actions["backend"].choices) == tuple(BACKENDS)
     assert list(actions["method"].choices) == list(STRATEGIES)
-    assert {resolve_dtype(n): n for n in actions["dtype"].choices} == eval_cli._DTYPE_NAMES
-    assert {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"} == eval_cli._DTYPE_NAMES
+    names = {resolve_dtype(n): n for n in actions["dtype"].choices}
+    assert names == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    assert all(dtype_name(dt) == n for dt, n in names.items())
 
 
 def test_unknown_method_is_a_usage_error(capsys):
