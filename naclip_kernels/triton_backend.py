@@ -54,10 +54,11 @@ The Gaussian costs no exponential (the key static claim: ``MUFU.EX2`` count with
    the same gather). Table size ``(7gh - 2) * (2gw - 1) * 4`` bytes (10 KB for 14x14, 0.9 MB for 128x128);
    one tile touches only a few table rows (a query block spans ``ceil(BLOCK_M / gw) + 1`` grid rows), so it
    stays in L1.
-   The gather sits in an always-taken runtime branch: otherwise Triton's software pipeliner stages it through
-   shared memory with ``cp.async`` (two LSU operations per element and a [BLOCK_M, BLOCK_N] fp32 buffer per
-   stage). It is loaded in a blocked layout and converted to the MMA layout (through shared memory), which is
-   the remaining per-element cost of the bias on near tiles.
+   For fp16/bf16 on triton >= 3.7 the gather sits in an always-taken runtime branch (``GATHER_BRANCH``, see
+   "Version-specific branch" below): otherwise Triton's software pipeliner stages it through shared memory
+   with ``cp.async`` (two LSU operations per element and a [BLOCK_M, BLOCK_N] fp32 buffer per extra stage).
+   It is loaded in a blocked layout and converted to the MMA layout (through shared memory), which is the
+   remaining per-element cost of the bias on near tiles.
 2. **Band skip.** Key tiles whose grid rows are all more than ``R`` rows away from every query row of the
    program get no bias at all (no index math, no gather). With row-major tokens the near tiles are one
    contiguous token range, so the key loop is split into far / near / far ranges (+ the masked tail tile,
@@ -79,8 +80,27 @@ Autotune: :data:`CONFIGS` (pruned per call by :func:`config_allowed`: shared-mem
 and the register budget of the bias gather, see below) keyed on
 ``(N_BUCKET, HEAD_DIM, HAS_BIAS, Q_IS_K, dtypes)`` on a GPU; under ``TRITON_INTERPRET=1`` a fixed
 :data:`INTERPRETER_CONFIG` (autotune needs a GPU driver). ``NACLIP_TRITON_AUTOTUNE=0`` replaces autotuning
-by a fixed heuristic config on a GPU too (quick test runs). Only Triton API common to 3.6-3.8 is used; there
-is no version-specific branch.
+by a fixed heuristic config on a GPU too (quick test runs). Only Triton API common to 3.6-3.8 is used.
+
+*Version-specific branch* (``GATHER_BRANCH``, a constexpr chosen on the host by :func:`_use_gather_branch`
+from the dtype and ``triton.__version__``, and used alike by :func:`triton_attention`, the autotune pruning
+:func:`config_allowed`, :func:`heuristic_config` and :func:`aot_signature`, i.e. by ``python -m
+naclip_kernels.inspect``; fixed per dtype in a process, so the autotune key needs no extra entry): True only
+for fp16/bf16 with triton >= 3.7, because the runtime branch around the gather meets the compiler's layout
+passes differently per version. On triton 3.8.0 (measured, sm_80/sm_90) the branch keeps the pipeliner off
+the gather at no cost (``MUFU.EX2`` with bias / without = 1.000). On triton 3.6.0 (measured) the same branch
+makes the layout-cleanup pass duplicate the softmax chain of the near-tile loop: 1.5x the ``MUFU.EX2`` count
+of the bias-free kernel and up to 255 registers (spills: sm_80 128x64 8 B, sm_90 64x64 x 3 stages 24 B).
+Without the branch 3.6.0 keeps one softmax (ratio 1.000) and pays in shared memory instead: the pipelined
+gather is staged by ``cp.async`` in ``num_stages - 1`` fp32 ``[BLOCK_M, BLOCK_N]`` buffers (sm_90, 128x64 x 3
+stages, D=64: 132096 B instead of 70656 B), which :func:`config_allowed` adds to its estimate whenever the
+branch is off (this prunes 128x64 x 3 stages at D=128 with the bias). Registers of the branch-free kernel
+on 3.6.0 with the bias (fp16/bf16, the configs that launch): D=64 spill-free, sm_80 139-255 (64x64 x 3
+stages at 255), sm_90 172-239; D=128 the 64x64 configs spill more than on 3.8 (sm_80 96/128 B, sm_90
+280/256 B at 2/3 stages, vs 16/64 and 32/32 B on 3.8; D=128 spills are reported, not gated, by the static
+check). 3.7 was not measured; it gets the branch as the first release after the measured 3.6 behaviour. An
+unparsable version gets no branch (correct and EX2-clean on both measured versions, only more shared
+memory). fp32 (FMA dots) never takes the branch: there it duplicates the softmax (1.5x EX2) on 3.8 as well.
 
 *Register budget of the bias gather* (fp16/bf16, measured with ``python -m naclip_kernels.inspect``,
 triton 3.8, sm_80 and sm_90). The gathered tile costs about three registers per score element and thread on
@@ -101,6 +121,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -163,6 +184,44 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: ``triton.__version__`` of the installed triton ("" when triton is missing); read by :func:`_gather_branch`.
+_TRITON_VERSION: str = str(getattr(triton, "__version__", "") or "")
+#: First triton release (major, minor) whose layout passes keep the softmax single with the gather branch.
+_GATHER_BRANCH_MIN_VERSION = (3, 7)
+_VERSION_RE = re.compile(r"\s*v?(\d+)(?:\.(\d+))?")
+
+
+def _parse_version(version: object) -> tuple[int, int] | None:
+    """``(major, minor)`` from a version string (``"3.8.0"``, ``"3.7.0+git1a2b3c"``, ``"3.10.0rc1"``,
+    ``"3"`` -> (3, 0)); None when it does not start with a number (or is not a string)."""
+    if not isinstance(version, str):
+        return None
+    m = _VERSION_RE.match(version)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def _use_gather_branch(dtype: torch.dtype, version: object) -> bool:
+    """Whether the kernel gathers the bias inside the runtime branch (``GATHER_BRANCH``), for q/k/v
+    ``dtype`` and triton version string ``version``.
+
+    True only for float16/bfloat16 on triton >= 3.7 (see the module docstring, "Version-specific branch").
+    float32 never (the branch duplicates the softmax of the FMA-dot kernel), nor an
+    unparsable version (the branch-free kernel is correct and EX2-clean on every version; it only costs
+    shared memory, which :func:`config_allowed` accounts for).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    parsed = _parse_version(version)
+    return parsed is not None and parsed >= _GATHER_BRANCH_MIN_VERSION
+
+
+def _gather_branch(dtype: torch.dtype) -> bool:
+    """:func:`_use_gather_branch` for the installed triton."""
+    return _use_gather_branch(dtype, _TRITON_VERSION)
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
@@ -178,7 +237,7 @@ def _n_bucket(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _add_bias(s, offs_n, N, P, GH, GW, T, a_q, BRANCH: tl.constexpr):
+    def _add_bias(s, offs_n, N, P, GH, GW, T, a_q, GATHER_BRANCH: tl.constexpr):
         """s + T[a_i - b_j]: the Gaussian bias (log2 units) gathered from the table, no exponential."""
         # Key-side table coordinate b_j = r_j * (2gw - 1) + c_j. Prefix keys get the virtual row 1 - 2gh
         # (their offsets to every query fall in the table's zero band), keys >= N the row 1 - 4gh (-inf band).
@@ -190,9 +249,10 @@ if triton is not None:
         rk = tl.where(k_patch, rk, tl.where(offs_n < N, 1 - 2 * GH, 1 - 4 * GH))
         ck = tl.where(k_patch, ck, 0)
         b_k = rk * (2 * GW - 1) + ck
-        if BRANCH:
+        if GATHER_BRANCH:
             # The gather sits in an (always taken) runtime branch so that the software pipeliner leaves it
             # alone: a pipelined gather is staged through shared memory by cp.async (2 LSU ops per element).
+            # Host-chosen (see _use_gather_branch): off for fp32 and for triton < 3.7.
             if N > 0:  # noqa: SIM108 (a runtime branch, not a ternary, on purpose)
                 bias = tl.load(T + (a_q[:, None] - b_k[None, :]))
             else:
@@ -228,6 +288,7 @@ if triton is not None:
         APPLY_BIAS: tl.constexpr,
         MASK_N: tl.constexpr,
         IEEE: tl.constexpr,
+        GATHER_BRANCH: tl.constexpr,
     ):
         """One key/value tile of the online softmax; returns the updated (acc, l_i, m_i)."""
         offs_n = start_n + offs_n0
@@ -247,9 +308,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
         if APPLY_BIAS:
-            # fp32 (FMA dots, IEEE): the branch makes Triton's layout passes duplicate the softmax (1.5x EX2),
-            # so the fp32 kernel gathers without it; fp16/bf16 (tensor cores) use the branch.
-            s = _add_bias(s, offs_n, N, P, GH, GW, T, a_q, not IEEE)
+            s = _add_bias(s, offs_n, N, P, GH, GW, T, a_q, GATHER_BRANCH)
         elif MASK_N:
             s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -307,10 +366,12 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         Q_IS_K: tl.constexpr,
         IEEE: tl.constexpr,
+        GATHER_BRANCH: tl.constexpr,
     ):
         """O[b, h] = softmax(qk_scale * Q K^T + T-gathered bias) V in log2 units; see the module docstring.
 
         N_BUCKET is only an autotune key (unused here). T is the fp32 bias table (ignored when not HAS_BIAS).
+        GATHER_BRANCH: gather the bias inside a runtime branch (host choice, :func:`_use_gather_branch`).
         """
         PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
         pid = tl.program_id(0)
@@ -377,7 +438,7 @@ if triton is not None:
                 acc, l_i, m_i = _attn_tile(
                     acc, l_i, m_i, q, k_base, v_base, kv_off_k, kv_off_v, start_n, stride_kn, stride_vn,
                     offs_n0, d_mask, N, P, GH, GW, qk_scale, T, a_q,
-                    BLOCK_N, PAD_D, False, False, IEEE,
+                    BLOCK_N, PAD_D, False, False, IEEE, GATHER_BRANCH,
                 )  # fmt: skip
             # Near tiles [lo, hi) + the partial tail tile: table bias (-inf for keys >= N), masked loads.
             n_near = (hi - lo) // BLOCK_N + tl.where(n_full < N, 1, 0)
@@ -387,7 +448,7 @@ if triton is not None:
                 acc, l_i, m_i = _attn_tile(
                     acc, l_i, m_i, q, k_base, v_base, kv_off_k, kv_off_v, start_n, stride_kn, stride_vn,
                     offs_n0, d_mask, N, P, GH, GW, qk_scale, T, a_q,
-                    BLOCK_N, PAD_D, True, True, IEEE,
+                    BLOCK_N, PAD_D, True, True, IEEE, GATHER_BRANCH,
                 )  # fmt: skip
         else:
             # Full tiles unmasked, then the partial tail tile with masked loads and -inf logits.
@@ -395,13 +456,13 @@ if triton is not None:
                 acc, l_i, m_i = _attn_tile(
                     acc, l_i, m_i, q, k_base, v_base, kv_off_k, kv_off_v, start_n, stride_kn, stride_vn,
                     offs_n0, d_mask, N, P, GH, GW, qk_scale, T, offs_m,
-                    BLOCK_N, PAD_D, False, False, IEEE,
+                    BLOCK_N, PAD_D, False, False, IEEE, GATHER_BRANCH,
                 )  # fmt: skip
             if n_full < N:
                 acc, l_i, m_i = _attn_tile(
                     acc, l_i, m_i, q, k_base, v_base, kv_off_k, kv_off_v, n_full, stride_kn, stride_vn,
                     offs_n0, d_mask, N, P, GH, GW, qk_scale, T, offs_m,
-                    BLOCK_N, PAD_D, False, True, IEEE,
+                    BLOCK_N, PAD_D, False, True, IEEE, GATHER_BRANCH,
                 )  # fmt: skip
 
         acc = acc / l_i[:, None]
@@ -415,6 +476,8 @@ if triton is not None:
         dtype = merged["K"].dtype
         head_dim = int(merged.get("HEAD_DIM", 64))
         has_bias = bool(merged.get("HAS_BIAS", True))
+        gather_branch = merged.get("GATHER_BRANCH")
+        gather_branch = None if gather_branch is None else bool(gather_branch)
         n = int(merged["N_BUCKET"])
         kept = [
             cfg
@@ -425,6 +488,7 @@ if triton is not None:
                 head_dim=head_dim,
                 has_bias=has_bias,
                 n=n,
+                gather_branch=gather_branch,
             )
         ]
         return kept or [configs[0]]
@@ -450,14 +514,24 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _ELEM_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
-def config_allowed(config: dict, *, dtype: torch.dtype, head_dim: int, has_bias: bool, n: int) -> bool:
+def config_allowed(
+    config: dict,
+    *,
+    dtype: torch.dtype,
+    head_dim: int,
+    has_bias: bool,
+    n: int,
+    gather_branch: bool | None = None,
+) -> bool:
     """Whether the autotuner may launch ``config`` (a :data:`CONFIGS` entry) for these inputs.
 
     The one pruning rule, used by the autotuner's ``early_config_prune`` and by
     :mod:`naclip_kernels.inspect` (which compiles exactly the configs this admits, at large ``n``). Dropped:
 
     * shared memory estimate ``elem * BLOCK_D * (BLOCK_M + 2 * BLOCK_N * num_stages)`` (+ ``4 * BLOCK_M *
-      BLOCK_N`` for the bias tile's layout conversion when ``has_bias``) above 160 KB (sm_80: 163 KB);
+      BLOCK_N`` for the bias tile's layout conversion when ``has_bias``; + ``4 * BLOCK_M * BLOCK_N *
+      (num_stages - 1)`` for the pipeliner's ``cp.async`` staging of the gathered bias when ``has_bias`` and
+      not ``gather_branch``) above 160 KB (sm_80: 163 KB);
     * float32 tiles above 64x64 (fp32 runs on the FMA units);
     * ``BLOCK_M > 64`` when ``n`` (tokens; bucketed to the next power of two) is at most 128;
     * tiles above 128x64 with fewer than 8 warps at head dims above 64;
@@ -470,6 +544,8 @@ def config_allowed(config: dict, *, dtype: torch.dtype, head_dim: int, has_bias:
         head_dim: D, 1..128.
         has_bias: whether the Gaussian bias is gathered (``HAS_BIAS``).
         n: N, the number of tokens (> 0).
+        gather_branch: the kernel's ``GATHER_BRANCH``; None (default) -> what :func:`triton_attention`
+            launches with the installed triton (:func:`_use_gather_branch`).
 
     Raises:
         TypeError / ValueError: naming the argument, for a bad dtype, config or value.
@@ -486,7 +562,13 @@ def config_allowed(config: dict, *, dtype: torch.dtype, head_dim: int, has_bias:
     warps, stages = int(config["num_warps"]), max(int(config["num_stages"]), 1)
     elem = _ELEM_SIZE[dtype]
     block_d = _block_d(head_dim)
-    smem = elem * block_d * (bm + 2 * bn * stages) + (4 * bm * bn if has_bias else 0)
+    if gather_branch is None:
+        gather_branch = _gather_branch(dtype)
+    smem = elem * block_d * (bm + 2 * bn * stages)
+    if has_bias:
+        smem += 4 * bm * bn  # layout conversion of the gathered tile
+        if not gather_branch:
+            smem += 4 * bm * bn * (stages - 1)  # cp.async staging buffers of the pipelined gather
     if smem > _SMEM_BUDGET:
         return False
     if elem == 4 and (bn > 64 or bm > 64):  # fp32 runs on FMA units: small tiles
@@ -498,16 +580,25 @@ def config_allowed(config: dict, *, dtype: torch.dtype, head_dim: int, has_bias:
     return not (has_bias and bm * bn > BIAS_MAX_SCORES_PER_THREAD * 32 * warps)
 
 
-def heuristic_config(dtype: torch.dtype, head_dim: int, n: int, *, has_bias: bool = True) -> dict[str, int]:
+def heuristic_config(
+    dtype: torch.dtype, head_dim: int, n: int, *, has_bias: bool = True, gather_branch: bool | None = None
+) -> dict[str, int]:
     """Fixed config used without autotuning (``NACLIP_TRITON_AUTOTUNE=0`` on a GPU); always admitted by
-    :func:`config_allowed` for the same arguments."""
+    :func:`config_allowed` for the same arguments (``gather_branch`` as there)."""
+    small = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if n <= 256:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return small
     if head_dim > 64 or has_bias:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    # Without the gather branch the staged bias tile may not fit (128x64 x 3 stages at D=128).
+    allowed = config_allowed(
+        cfg, dtype=dtype, head_dim=head_dim, has_bias=has_bias, n=n, gather_branch=gather_branch
+    )
+    return cfg if allowed else small
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -609,11 +700,13 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     return reasons
 
 
-def _launch_config(dtype: torch.dtype, head_dim: int, n: int, has_bias: bool) -> dict[str, int] | None:
+def _launch_config(
+    dtype: torch.dtype, head_dim: int, n: int, has_bias: bool, gather_branch: bool
+) -> dict[str, int] | None:
     if _interpreting():
         return INTERPRETER_CONFIG
     if os.environ.get("NACLIP_TRITON_AUTOTUNE", "1") in ("0", "false", "False", "no"):
-        return heuristic_config(dtype, head_dim, n, has_bias=has_bias)
+        return heuristic_config(dtype, head_dim, n, has_bias=has_bias, gather_branch=gather_branch)
     return None  # autotune
 
 
@@ -660,8 +753,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: An
         "HAS_BIAS": has_bias,
         "Q_IS_K": q_is_k,
         "IEEE": spec.dtype == torch.float32,
+        "GATHER_BRANCH": _gather_branch(spec.dtype),
     }
-    cfg = _launch_config(spec.dtype, D, N, has_bias)
+    cfg = _launch_config(spec.dtype, D, N, has_bias, meta["GATHER_BRANCH"])
     ctx = torch.cuda.device(device) if device.type == "cuda" else _NullCtx()
     with ctx:
         if cfg is None:
@@ -692,7 +786,13 @@ _DTYPE_STR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 
 
 def aot_signature(
-    dtype: torch.dtype, head_dim: int, has_bias: bool, q_is_k: bool, config: dict
+    dtype: torch.dtype,
+    head_dim: int,
+    has_bias: bool,
+    q_is_k: bool,
+    config: dict,
+    *,
+    gather_branch: bool | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Signature and constexprs of :data:`_attn_fwd_kernel` for ahead-of-time compilation.
 
@@ -703,7 +803,9 @@ def aot_signature(
     feature strides (``stride_*d``) are specialised to 1 (the common contiguous-last-dim case), as the JIT
     does. ``config`` is one entry of :data:`CONFIGS` (``BLOCK_M``, ``BLOCK_N``; warps/stages go to the compile
     options). Pair it with :func:`aot_attrs` (``attrs=aot_attrs(signature, constexprs)``) for the alignment
-    hints the JIT infers at a typical launch.
+    hints the JIT infers at a typical launch. ``GATHER_BRANCH`` is ``gather_branch``, by default (None) what
+    :func:`triton_attention` launches with the installed triton (:func:`_use_gather_branch`), so the report
+    compiles the kernel this triton would run.
     """
     if dtype not in _DTYPE_STR:
         raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32; got {dtype!r}")
@@ -722,6 +824,7 @@ def aot_signature(
         "HAS_BIAS": bool(has_bias),
         "Q_IS_K": bool(q_is_k),
         "IEEE": dtype == torch.float32,
+        "GATHER_BRANCH": _gather_branch(dtype) if gather_branch is None else bool(gather_branch),
     }
     signature: dict[str, str] = {}
     for name in _attn_fwd_kernel.arg_names:

@@ -332,6 +332,15 @@ def test_aot_signature_covers_every_argument(dtype, has_bias):
     assert sig["K"] == ptr and sig["O"] == ptr and sig["T"] == "*fp32" and sig["qk_scale"] == "fp32"
     assert cx["BLOCK_D"] == 64 and cx["HEAD_DIM"] == 48 and cx["HAS_BIAS"] is has_bias
     assert cx["BLOCK_M"] == cfg["BLOCK_M"] and cx["IEEE"] is (dtype == torch.float32)
+    import triton
+
+    # The report compiles what the installed triton launches; an explicit choice overrides it.
+    assert cx["GATHER_BRANCH"] is tb._use_gather_branch(dtype, triton.__version__)
+    for forced in (True, False):
+        assert (
+            tb.aot_signature(dtype, 48, has_bias, True, cfg, gather_branch=forced)[1]["GATHER_BRANCH"]
+            is forced
+        )
     attrs = tb.aot_attrs(sig)
     names = tb._attn_fwd_kernel.arg_names
     assert (names.index("K"),) in attrs and (names.index("stride_kn"),) in attrs
@@ -439,9 +448,127 @@ def test_bias_prunes_configs_that_spill(dtype, D):
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("N", [50, 197, 785, 16385])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_heuristic_config_is_admitted(dtype, D, N, has_bias):
-    cfg = tb.heuristic_config(dtype, D, N, has_bias=has_bias)
-    assert tb.config_allowed(cfg, dtype=dtype, head_dim=D, has_bias=has_bias, n=N), cfg
+@pytest.mark.parametrize("gather_branch", [None, True, False], ids=["installed", "branch", "no-branch"])
+def test_heuristic_config_is_admitted(dtype, D, N, has_bias, gather_branch):
+    cfg = tb.heuristic_config(dtype, D, N, has_bias=has_bias, gather_branch=gather_branch)
+    assert tb.config_allowed(
+        cfg, dtype=dtype, head_dim=D, has_bias=has_bias, n=N, gather_branch=gather_branch
+    ), cfg
+
+
+# ----------------------------------------------------------------------------------- version gate
+@pytest.mark.parametrize(
+    ("version", "parsed"),
+    [
+        ("3.6.0", (3, 6)),
+        ("3.7.0", (3, 7)),
+        ("3.8.0", (3, 8)),
+        ("3.10.1", (3, 10)),
+        ("3.7.0+git1a2b3c4", (3, 7)),
+        ("3.8.0.dev20260101", (3, 8)),
+        ("3.7.0rc1", (3, 7)),
+        ("v4", (4, 0)),
+        (" 2.3.1", (2, 3)),
+        ("", None),
+        ("unknown", None),
+        (None, None),
+        (3.8, None),
+    ],
+    ids=str,
+)
+def test_parse_version(version, parsed):
+    assert tb._parse_version(version) == parsed
+
+
+@pytest.mark.parametrize(
+    ("dtype", "version", "expected"),
+    [
+        (torch.float16, "3.6.0", False),  # 3.6.0: the branch duplicates the softmax (1.5x EX2)
+        (torch.bfloat16, "3.6.0", False),
+        (torch.float16, "3.6.9+gabc", False),
+        (torch.float16, "3.7.0", True),
+        (torch.bfloat16, "3.7.0rc1", True),
+        (torch.float16, "3.8.0", True),
+        (torch.bfloat16, "3.8.0", True),
+        (torch.float16, "3.10.0", True),  # numeric, not lexicographic ("3.10" < "3.7" as strings)
+        (torch.float16, "4.0.0", True),
+        (torch.float16, "2.3.1", False),
+        (torch.float32, "3.8.0", False),  # fp32 never takes the branch
+        (torch.float32, "3.6.0", False),
+        (torch.float16, "", False),  # unparsable -> the branch-free kernel (safe on every version)
+        (torch.bfloat16, "garbage", False),
+        (torch.float16, None, False),
+    ],
+    ids=lambda x: str(x).removeprefix("torch.") if not isinstance(x, bool) else str(x),
+)
+def test_use_gather_branch_version_gate(dtype, version, expected):
+    assert tb._use_gather_branch(dtype, version) is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_config_allowed_counts_staging_without_branch(dtype):
+    """Without the gather branch the pipelined gather's cp.async staging (4 * BM * BN * (stages - 1) bytes)
+    joins the shared-memory estimate: 128x64 x 3 stages at D=128 then exceeds the budget (the triton 3.6
+    kernel), while it fits with the branch (3.8). Bias-free configs do not depend on the branch; the prune
+    hook honours the GATHER_BRANCH launch argument."""
+    import triton
+
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    kw = {"dtype": dtype, "head_dim": 128, "n": 4096}
+    assert tb.config_allowed(cfg, has_bias=True, gather_branch=True, **kw)
+    assert not tb.config_allowed(cfg, has_bias=True, gather_branch=False, **kw)
+    for branch in (True, False):
+        assert tb.config_allowed(cfg, has_bias=False, gather_branch=branch, **kw)
+    # At D=64 every bias config fits either way (the staging only trades shared memory for the branch).
+    for c in tb.CONFIGS:
+        on = tb.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=True)
+        off = tb.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=False)
+        assert on == off, c
+    configs = [
+        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                      num_stages=c["num_stages"])
+        for c in tb.CONFIGS
+    ]  # fmt: skip
+    k = torch.empty(1, dtype=dtype)
+    for branch in (True, False):
+        kept = tb._prune_configs(
+            configs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=128, HAS_BIAS=True, GATHER_BRANCH=branch
+        )
+        want = [tb.config_allowed(c, has_bias=True, gather_branch=branch, **kw) for c in tb.CONFIGS]
+        assert [any(c is x for x in kept) for c in configs] == want
+        big = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) == (128, 64, 3)]
+        assert bool(big) is branch
+
+
+@needs_interpreter
+@pytest.mark.parametrize("version", ["3.6.0", "3.8.0"], ids=["t3.6", "t3.8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gather_branch_reaches_the_kernel(monkeypatch, dtype, version):
+    """triton_attention launches with GATHER_BRANCH = _use_gather_branch(dtype, triton version), and both
+    kernel variants (branch / no branch) match the reference."""
+    monkeypatch.setattr(tb, "_TRITON_VERSION", version)
+    seen = []
+    real = tb._attn_fwd_kernel
+
+    class Spy:
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kw):
+                seen.append(kw["GATHER_BRANCH"])
+                return launch(*args, **kw)
+
+            return run
+
+    monkeypatch.setattr(tb, "_attn_fwd_kernel", Spy())
+    grid, P = (7, 5), 1  # N = 36: a near tile plus a partial tail tile at 32x32
+    q, k, v = _make(1, 2, P + 35, 32, dtype, seed=11)
+    out = _run(q, k, v, grid, 2.0, num_prefix_tokens=P)
+    assert seen == [tb._use_gather_branch(dtype, version)]
+    assert seen[0] is (dtype == torch.float16 and version == "3.8.0")
+    _assert_close(out, _ref(q, k, v, grid, 2.0, num_prefix_tokens=P), dtype)
 
 
 @pytest.mark.parametrize(
