@@ -29,6 +29,14 @@ CLASSNAMES_DIR = Path(
 ).resolve()
 
 
+def fixture_case_ids(kind: str) -> list[str]:
+    """Ids of the fixture cases of one ``kind``, read at collection time so that parametrized tests get
+    readable ids (``pytest_sessionstart`` has already failed the run if the fixtures are missing). Test
+    modules import it as ``from conftest import fixture_case_ids``."""
+    manifest = json.loads((FIXTURES_DIR / "manifest.json").read_text())
+    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
+
+
 def _require_dir(path: Path, what: str, env: str) -> Path:
     if not path.is_dir():
         raise pytest.UsageError(

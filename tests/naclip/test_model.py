@@ -8,14 +8,12 @@ replayed at fp32 ``atol = rtol = 1e-4`` on the ``torch`` and ``reference`` kerne
 from __future__ import annotations
 
 import copy
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import fixture_case_ids
 from open_clip.transformer import QuickGELU, Transformer, VisionTransformer
 
 import naclip.strategies as strategies_mod
@@ -25,24 +23,8 @@ from naclip.testing import build_visual_from_manifest
 
 ATOL = RTOL = 1e-4  # fp32 fixture tolerance (manifest "recommended")
 
-_FIXTURES = Path(
-    os.environ.get(
-        "NACLIP_FIXTURES_DIR",
-        Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "fixtures",
-    )
-)
 
-
-def _case_ids(kind: str) -> list[str]:
-    """Case ids of one kind, read at collection time for readable ids (conftest fails without fixtures)."""
-    try:
-        manifest = json.loads((_FIXTURES / "manifest.json").read_text())
-    except OSError:
-        return []
-    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
-
-
-DENSE_IDS = _case_ids("dense_forward")
+DENSE_IDS = fixture_case_ids("dense_forward")
 TRITON_DENSE_IDS = [
     "dense/img_224x320_b1/reduced/naclip/std5",
     "dense/img_320x224_b1/reduced/nonly/std5",

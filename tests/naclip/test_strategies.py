@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fixture_case_ids
 
 from naclip.strategies import (
     ARCHS,
@@ -21,23 +19,8 @@ from naclip.strategies import (
 
 ATOL = RTOL = 1e-4  # fp32 fixture tolerance
 
-_FIXTURES = Path(
-    os.environ.get(
-        "NACLIP_FIXTURES_DIR",
-        Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "fixtures",
-    )
-)
 
-
-def _case_ids(kind: str) -> list[str]:
-    try:
-        manifest = json.loads((_FIXTURES / "manifest.json").read_text())
-    except OSError:
-        return []
-    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
-
-
-KERNEL_IDS = _case_ids("kernel")
+KERNEL_IDS = fixture_case_ids("kernel")
 TRITON_KERNEL_IDS = [i for i in KERNEL_IDS if "g5x7" in i]  # T = 36: quick under the interpreter
 
 
