@@ -19,22 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES_DIR = Path(
-    os.environ.get("NACLIP_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "reference" / "fixtures")
-).resolve()
-CLASSNAMES_DIR = Path(
-    os.environ.get("NACLIP_CLASSNAMES_DIR", REPO_ROOT.parent / "shared" / "reference" / "classnames")
-).resolve()
-
-
-def fixture_case_ids(kind: str) -> list[str]:
-    """Ids of the fixture cases of one ``kind``, read at collection time so that parametrized tests get
-    readable ids (``pytest_sessionstart`` has already failed the run if the fixtures are missing). Test
-    modules import it as ``from conftest import fixture_case_ids``."""
-    manifest = json.loads((FIXTURES_DIR / "manifest.json").read_text())
-    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
+from naclip_test_paths import CLASSNAMES_DIR, FIXTURES_DIR  # noqa: E402
 
 
 def _require_dir(path: Path, what: str, env: str) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import fixture_case_ids
+from naclip_test_paths import fixture_case_ids
 from open_clip.transformer import QuickGELU, Transformer, VisionTransformer
 
 import naclip.strategies as strategies_mod

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fixture_case_ids
+from naclip_test_paths import fixture_case_ids
 
 from naclip.strategies import (
     ARCHS,
