@@ -19,7 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from naclip_test_paths import CLASSNAMES_DIR, FIXTURES_DIR  # noqa: E402
+from naclip_test_support import CLASSNAMES_DIR, FIXTURES_DIR  # noqa: E402
 
 
 def _require_dir(path: Path, what: str, env: str) -> Path:

@@ -33,13 +33,7 @@ def tiny_configs():
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Random init of small models: intra-op threading only adds overhead on a shared CPU box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from naclip_test_paths import fixture_case_ids
+from naclip_test_support import fixture_case_ids, triton_skip_reason
 from open_clip.transformer import QuickGELU, Transformer, VisionTransformer
 
 import naclip.strategies as strategies_mod
@@ -31,30 +31,7 @@ TRITON_DENSE_IDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny matmuls: intra-op threading only adds overhead (and stalls badly on a shared CPU box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _triton_ready() -> str | None:
-    """None when the Triton backend can run here, else the reason to skip."""
-    try:
-        import naclip_kernels
-        import naclip_kernels.triton_backend  # noqa: F401
-    except Exception as exc:  # ImportError, or triton failing to initialise
-        return f"naclip_kernels.triton_backend not importable: {type(exc).__name__}: {exc}"
-    if "triton" not in naclip_kernels.available_backends():
-        return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cases(manifest):
-    return {c["id"]: c for c in manifest["cases"]}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +111,7 @@ def test_dense_forward_matches_official(case_id, backend, cases, tiny_visual, fi
 def test_dense_forward_matches_official_triton(
     case_id, backend, cases, tiny_visual, fixture_tensors, normalise
 ):
-    reason = _triton_ready()
+    reason = triton_skip_reason()
     if reason:
         pytest.skip(reason)
     diffs = _replay_dense(tiny_visual, cases[case_id], fixture_tensors, normalise, backend)

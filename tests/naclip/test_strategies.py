@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from naclip_test_paths import fixture_case_ids
+from naclip_test_support import fixture_case_ids, triton_skip_reason
 
 from naclip.strategies import (
     ARCHS,
@@ -24,29 +24,7 @@ KERNEL_IDS = fixture_case_ids("kernel")
 TRITON_KERNEL_IDS = [i for i in KERNEL_IDS if "g5x7" in i]  # T = 36: quick under the interpreter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny matmuls: intra-op threading only adds overhead (and stalls badly on a shared CPU box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _triton_reason() -> str | None:
-    try:
-        import naclip_kernels
-        import naclip_kernels.triton_backend  # noqa: F401
-    except Exception as exc:
-        return f"naclip_kernels.triton_backend not importable: {type(exc).__name__}: {exc}"
-    if "triton" not in naclip_kernels.available_backends():
-        return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cases(manifest):
-    return {c["id"]: c for c in manifest["cases"]}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _get(fixture_tensors, case, ref):
@@ -106,7 +84,7 @@ def test_kernel_case_matches_official(case_id, backend, cases, fixture_tensors):
 @pytest.mark.triton
 @pytest.mark.parametrize(("case_id", "backend"), _params(TRITON_KERNEL_IDS, ("triton",)))
 def test_kernel_case_matches_official_triton(case_id, backend, cases, fixture_tensors):
-    reason = _triton_reason()
+    reason = triton_skip_reason()
     if reason:
         pytest.skip(reason)
     _replay(cases[case_id], fixture_tensors, backend)

@@ -1,0 +1,37 @@
+"""Plain helpers shared by test modules: where the shared reference material lives (also used by
+``conftest.py``), fixture case ids for collection-time parametrization, and the Triton skip reason. A module
+of its own because ``conftest`` is not a unique module name in this tree, so it cannot be imported as one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = Path(
+    os.environ.get("NACLIP_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "reference" / "fixtures")
+).resolve()
+CLASSNAMES_DIR = Path(
+    os.environ.get("NACLIP_CLASSNAMES_DIR", REPO_ROOT.parent / "shared" / "reference" / "classnames")
+).resolve()
+
+
+def fixture_case_ids(kind: str) -> list[str]:
+    """Ids of the fixture cases of one ``kind``, read at collection time so that parametrized tests get
+    readable ids (``pytest_sessionstart`` has already failed the run if the fixtures are missing). Test
+    modules import it as ``from naclip_test_support import fixture_case_ids``."""
+    manifest = json.loads((FIXTURES_DIR / "manifest.json").read_text())
+    return [c["id"] for c in manifest["cases"] if c["kind"] == kind]
+
+
+def triton_skip_reason() -> str | None:
+    """None when the Triton backend can run here (CUDA, or ``TRITON_INTERPRET=1``), else why to skip."""
+    try:
+        import naclip_kernels
+        import naclip_kernels.triton_backend  # noqa: F401
+    except Exception as exc:  # ImportError, or triton failing to initialise
+        return f"naclip_kernels.triton_backend not importable: {type(exc).__name__}: {exc}"
+    if "triton" not in naclip_kernels.available_backends():
+        return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
+    return None
