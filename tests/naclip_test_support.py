@@ -35,3 +35,25 @@ def triton_skip_reason() -> str | None:
     if "triton" not in naclip_kernels.available_backends():
         return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
     return None
+
+
+def tiny_clip(seed: int = 0, *, vision_layers: int = 2):
+    """A small random open_clip ``CLIP`` (64-pixel ViT with patch 16, 64-wide 1-layer text tower, QuickGELU),
+    built without any download, in eval mode."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={
+            "layers": vision_layers,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 16,
+            "image_size": 64,
+        },
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+        quick_gelu=True,
+    )
+    return model.eval()

@@ -8,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from naclip_test_support import tiny_clip
 from PIL import Image
 
 import naclip
@@ -15,17 +16,6 @@ import naclip.inference as inf
 from naclip import SegmentationResult, SegmentConfig, Segmenter
 from naclip.io import ImageTooLargeError
 from naclip.segmenter import DTYPES, dtype_name, resolve_dtype
-
-
-def tiny_clip(seed: int = 0) -> open_clip.CLIP:
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg={"layers": 2, "width": 64, "head_width": 32, "patch_size": 16, "image_size": 64},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-        quick_gelu=True,
-    )
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,14 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
+from naclip_test_support import tiny_clip
 
 from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes, prompts_for
 
 
-def tiny_clip(seed: int = 0) -> open_clip.CLIP:
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg={"layers": 1, "width": 64, "head_width": 32, "patch_size": 16, "image_size": 64},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-        quick_gelu=True,
-    )
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def clip_and_tokenizer():
-    return tiny_clip(), open_clip.get_tokenizer("ViT-B-16")
+    return tiny_clip(vision_layers=1), open_clip.get_tokenizer("ViT-B-16")
 
 
 # ------------------------------------------------------------------------------------------ templates
