@@ -43,6 +43,7 @@ from open_clip.transformer import (
 from torch import Tensor, nn
 
 from naclip.strategies import get_strategy, validate_config
+from naclip_kernels.nn import GaussianAttention
 
 __all__ = ["NaclipVisual"]
 
@@ -454,21 +455,12 @@ class NaclipVisual(nn.Module):
             raise ValueError(
                 f"x width {e} does not match the last block (in_proj {tuple(attn.in_proj_weight.shape)})"
             )
-        d = e // h
         strategy = get_strategy(self.strategy)
-
-        y = block.ln_1(x)
-        weight, bias = attn.in_proj_weight, attn.in_proj_bias
-        if strategy.needs_query:
-            qkv = F.linear(y, weight, bias)  # [B, T, 3E], channels q | k | v, head-major within each
-            q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D], strided views
-        else:
-            kv = F.linear(y, weight[e:], None if bias is None else bias[e:])  # Q rows skipped
-            k, v = kv.view(b, t, 2, h, d).permute(2, 0, 3, 1, 4)
-            q = None
+        # One head split / merge for every strategy: a GaussianAttention sharing the block's in_proj/out_proj.
+        heads = GaussianAttention.from_multihead(attn, sigma=None)
+        q, k, v = heads.project_heads(block.ln_1(x), with_query=strategy.needs_query)  # [B, H, T, D] views
         out = strategy(q, k, v, (gh, gw), self.gaussian_std, self.backend)  # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(b, t, e)  # merge heads: channel h*d + j
-        out = attn.out_proj(out)
+        out = heads.merge_heads(out)  # channel h*d + j, then out_proj
         ls_1 = getattr(block, "ls_1", None)
         if ls_1 is not None:
             out = ls_1(out)
