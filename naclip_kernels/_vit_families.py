@@ -61,7 +61,7 @@ def require(obj: object, names: set[tuple[str, str]], arg: str) -> None:
 
 
 def multihead_unsupported(mha: Any) -> list[str]:
-    """Why ``mha`` (``nn.MultiheadAttention`` or open_clip ``Attention``) cannot be shared (``[]`` if it can)."""
+    """Why ``mha`` (``nn.MultiheadAttention`` or open_clip ``Attention``) cannot be shared; ``[]``: it can."""
     if type(mha) is nn.MultiheadAttention:
         reasons = []
         if not mha._qkv_same_embed_dim:
@@ -153,7 +153,9 @@ def _hf_layers(model: Any, paths: tuple[str, ...]) -> nn.ModuleList:
             obj = getattr(obj, part, None)
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise TypeError(f"{qualname(model)} has none of the layer lists {paths} (unsupported transformers version)")
+    raise TypeError(
+        f"{qualname(model)} has none of the layer lists {paths} (unsupported transformers version)"
+    )
 
 
 def _hf_vit(model: Any) -> VitInfo:

@@ -25,7 +25,7 @@ from .api import BACKENDS, gaussian_attention
 
 __all__ = ["SIGMA_FLOOR", "GaussianAttention", "PatchHandle", "QKVSplit", "patch_vit"]
 
-#: Lower bound (grid cells) of a learnable sigma as used in the forward; see :meth:`GaussianAttention.sigma_value`.
+#: Lower bound (grid cells) of a learnable sigma in the forward (:meth:`GaussianAttention.sigma_value`).
 SIGMA_FLOOR = 1e-2
 
 
@@ -55,7 +55,9 @@ def _check_backend(backend: Any) -> str | None:
     if backend is None:
         return None
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be None or one of {BACKENDS}; got {type(backend).__name__} {backend!r}")
+        raise TypeError(
+            f"backend must be None or one of {BACKENDS}; got {type(backend).__name__} {backend!r}"
+        )
     if backend.strip().lower() not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}; got {backend!r}")
     return backend.strip().lower()
@@ -159,7 +161,10 @@ class GaussianAttention(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- sigma
     def _init_sigma(self, sigma: Any, learnable: Any, per_head: Any) -> None:
-        learnable, per_head = _check_bool("learnable_sigma", learnable), _check_bool("per_head_sigma", per_head)
+        learnable, per_head = (
+            _check_bool("learnable_sigma", learnable),
+            _check_bool("per_head_sigma", per_head),
+        )
         if per_head and not learnable:
             raise ValueError("per_head_sigma=True needs learnable_sigma=True (a fixed sigma is one number)")
         if sigma is None:
@@ -187,7 +192,9 @@ class GaussianAttention(nn.Module):
         """Give a shell's learnable sigma its real value, on ``like``'s device (float32)."""
         if self.learnable_sigma:
             shape = tuple(self.sigma.shape)
-            self.sigma = nn.Parameter(torch.full(shape, self._sigma_init, dtype=torch.float32, device=like.device))
+            self.sigma = nn.Parameter(
+                torch.full(shape, self._sigma_init, dtype=torch.float32, device=like.device)
+            )
         return self
 
     @property
@@ -210,7 +217,9 @@ class GaussianAttention(nn.Module):
         ``gate``, ``proj`` and ``proj_drop``; ``kwargs`` are the keyword options of the constructor
         (``sigma``, ``key_key`` ...). Its ``attn_drop.p`` becomes :attr:`attn_drop_p`."""
         fam.require(attn, fam.TIMM_ATTENTION, "attn")
-        out = cls._shell(int(attn.qkv.in_features), int(attn.num_heads), head_dim=int(attn.head_dim), **kwargs)
+        out = cls._shell(
+            int(attn.qkv.in_features), int(attn.num_heads), head_dim=int(attn.head_dim), **kwargs
+        )
         for name in ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop"):
             setattr(out, name, getattr(attn, name))
         out.gate = getattr(attn, "gate", None)
@@ -245,7 +254,9 @@ class GaussianAttention(nn.Module):
         ``v_proj`` (as a :class:`QKVSplit`) and ``o_proj`` / ``out_proj``."""
         fam.require(attn, fam.HF_ATTENTION, "attn")
         if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
-            raise TypeError(f"attn: {fam.qualname(attn)} has no q_proj/k_proj/v_proj (transformers < 5 layout)")
+            raise TypeError(
+                f"attn: {fam.qualname(attn)} has no q_proj/k_proj/v_proj (transformers < 5 layout)"
+            )
         heads = int(getattr(attn, "num_attention_heads", getattr(attn, "num_heads", 0)))
         out = cls._shell(int(attn.k_proj.in_features), heads, head_dim=int(attn.head_dim), **kwargs)
         out.qkv = QKVSplit(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -257,7 +268,7 @@ class GaussianAttention(nn.Module):
     # ------------------------------------------------------------------------------ head split / merge
     def project_heads(self, x: Tensor, *, with_query: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
         """``x`` ``[B, N, C]`` -> ``(q, k, v)``, each ``[B, H, N, D]`` (strided views of the projection, no
-        copies), ``q_norm`` / ``k_norm`` applied. ``with_query=False`` skips the Q projection (``q = None``)."""
+        copies), ``q_norm`` / ``k_norm`` applied. ``with_query=False`` skips the Q projection (``q=None``)."""
         b, n, _ = x.shape
         h, d = self.num_heads, self.head_dim
         qkv = self.qkv
@@ -328,7 +339,11 @@ class GaussianAttention(nn.Module):
         return self.merge_heads(out, x)
 
     def extra_repr(self) -> str:
-        sigma = f"sigma=learnable{list(self.sigma.shape)}" if self.learnable_sigma else f"sigma={self.fixed_sigma}"
+        sigma = (
+            f"sigma=learnable{list(self.sigma.shape)}"
+            if self.learnable_sigma
+            else f"sigma={self.fixed_sigma}"
+        )
         return (
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, {sigma}, bias_scale={self.bias_scale}, "
             f"key_key={self.key_key}, num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend}"
@@ -377,11 +392,21 @@ class _TimmPatched(_Patched):
 
 
 class _OpenClipMHAPatched(_Patched):
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, None]:  # fmt: skip
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
         if key is not query or value is not query:
-            raise ValueError("patched Gaussian attention is self-attention only (key and value must be query)")
+            raise ValueError(
+                "patched Gaussian attention is self-attention only (key and value must be query)"
+            )
         _refuse("key_padding_mask", key_padding_mask)
         _refuse("attn_mask", attn_mask)
         _refuse("is_causal", is_causal)
@@ -459,7 +484,9 @@ def _select_blocks(blocks: Any, count: int) -> list[int]:
             raise ValueError(f"blocks must be 'all', 'last' or a list of block indices; got {blocks!r}")
         return list(range(count)) if blocks == "all" else [count - 1]
     if not isinstance(blocks, Iterable):
-        raise TypeError(f"blocks must be 'all', 'last' or a list of ints; got {type(blocks).__name__} {blocks!r}")
+        raise TypeError(
+            f"blocks must be 'all', 'last' or a list of ints; got {type(blocks).__name__} {blocks!r}"
+        )
     out: list[int] = []
     for i in blocks:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
