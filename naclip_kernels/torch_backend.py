@@ -17,7 +17,6 @@ off at large grids (N = 16385: about half the keys of a chunk are bias-free at s
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._bias import BIAS_EPS as BAND_EPS  # noqa: F401 (re-exported: the torch backend's name)
+from ._bias import band_radius
 from ._checks import AttentionSpec
 from .reference import gaussian_factors
 
@@ -264,32 +265,7 @@ class _BiasBuilder:
         return self.fill_band(s, e, 0, 0, self.gh - 1)
 
 
-#: Dropped bias terms are below this (natural-log logit units), see :func:`band_radius`.
-BAND_EPS = 2.0**-24
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def band_radius(sigma: float, bias_scale: float) -> int:
-    """Grid-row distance ``R`` beyond which ``|bias_scale * G| < BAND_EPS`` (-1: the whole bias is below it).
-
-    ``|bias_scale| * exp(-(R+1)^2 / (2 sigma^2)) < eps`` holds for
-    ``R = floor(sigma * sqrt(2 ln(|bias_scale| / eps)))``. Dropping additive logit terms ``|delta_j| < eps``
-    from one softmax row scales every probability by a factor in ``[e^-2eps, e^2eps]``, so the output moves by
-    at most ``(e^(2 eps) - 1) * max|v| ~ 1.2e-7 * max|v|``: exact to float32 resolution.
-
-    Rounding: this is the *tight* radius (the smallest ``R`` with the bound, up to the float rounding of
-    ``sqrt``/``log``; pinned by the tests), because here every extra band row costs a masked key range.
-    The Triton backend's ``band_rows`` uses the same formula with ``+ 1`` (absorbing that rounding; a wider
-    band only makes more key tiles take the exact masked path, and tiles are ``BLOCK_N`` keys wide anyway)
-    and clamps to ``gh - 1``; it also returns -1 only for ``|bias_scale| < eps`` where this returns -1 for
-    ``|bias_scale| <= eps``. Both drop only terms ``|bias_scale * G| <= eps`` (``< eps`` up to one ulp of
-    the formula), so both stay within the float32 bound above. For ``|bias_scale| > eps`` the two satisfy
-    ``band_rows(sigma, bias_scale, gh) == min(band_radius(sigma, bias_scale) + 1, gh - 1)``.
-    """
-    ratio = abs(bias_scale) / BAND_EPS
-    if ratio <= 1.0:
-        return -1
-    return int(math.floor(sigma * math.sqrt(2.0 * math.log(ratio))))
 
 
 def _band(spec: AttentionSpec, s: int, e: int, R: int) -> tuple[int, int, int, int] | None:
