@@ -126,6 +126,10 @@ from typing import Any
 
 import torch
 
+from ._bias import BIAS_EPS as BIAS_EPS  # re-exported (tests)
+from ._bias import LOG2E as _LOG2E
+from ._bias import band_rows, gaussian, gaussian_coef
+
 try:  # pragma: no cover - exercised implicitly
     import triton
     import triton.language as tl
@@ -152,9 +156,6 @@ __all__ = [
     "unsupported_reasons",
 ]
 
-_LOG2E = 1.4426950408889634
-#: Bias terms below this (natural-log logit units) are dropped (see the module docstring for the bound).
-BIAS_EPS = 2.0**-24
 #: Largest supported head dim.
 MAX_HEAD_DIM = 128
 _INT32_MAX = 2**31 - 1
@@ -604,29 +605,15 @@ def heuristic_config(
 # --------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------
-def band_rows(sigma: float, bias_scale: float, gh: int) -> int:
-    """Band half-width ``R`` in grid rows: pairs more than ``R`` rows apart have ``|bias_scale| * G < eps``.
-
-    Returns -1 when ``|bias_scale| < eps`` (the bias is negligible everywhere), and at most ``gh - 1`` (every
-    key tile is near). ``R = floor(sigma * sqrt(2 ln(|bias_scale| / eps))) + 1`` (the +1 absorbs rounding of
-    the float formula; a larger R only makes more tiles exact).
-    """
-    bs = abs(float(bias_scale))
-    if bs < BIAS_EPS:
-        return -1
-    r = math.floor(float(sigma) * math.sqrt(2.0 * math.log(bs / BIAS_EPS))) + 1
-    return min(r, gh - 1)
-
-
 @functools.lru_cache(maxsize=16)
 def _bias_table_cached(
     gh: int, gw: int, sigma: float, bias_scale: float, device: torch.device
 ) -> torch.Tensor:
     dr = torch.arange(-(gh - 1), 6 * gh - 1, dtype=torch.float64, device=device)
     dc = torch.arange(-(gw - 1), gw, dtype=torch.float64, device=device)
-    inv = -0.5 / (sigma * sigma)
-    gy = torch.exp(dr * dr * inv)
-    gx = torch.exp(dc * dc * inv)
+    coef = gaussian_coef(sigma)
+    gy = gaussian(dr * dr, coef)
+    gx = gaussian(dc * dc, coef)
     table = ((bias_scale * _LOG2E) * (gy[:, None] * gx[None, :])).to(torch.float32)
     table[dr >= gh] = 0.0
     table[dr >= 4 * gh - 1] = float("-inf")
