@@ -145,9 +145,11 @@ def hf_clip_block(layer, x, *, bias, key_key):
 
 
 def run_blocks(block_fn, blocks, x, *, patched, grid_hw, sigma, prefix, heads, key_key, bias_scale=1.0):
-    """``x`` through ``blocks`` with ``block_fn``; blocks whose index is in ``patched`` get the bias."""
-    g = bias_scale * gaussian_g(grid_hw, sigma, prefix, heads)
+    """``x`` through ``blocks`` with ``block_fn``; blocks whose index is in ``patched`` get the bias.
+    ``sigma``: one value for every block, or a dict ``block index -> sigma``."""
     for i, blk in enumerate(blocks):
         on = i in patched
-        x = block_fn(blk, x, bias=g if on else None, key_key=key_key and on)
+        s = sigma[i] if isinstance(sigma, dict) else sigma
+        g = bias_scale * gaussian_g(grid_hw, s, prefix, heads) if on else None
+        x = block_fn(blk, x, bias=g, key_key=key_key and on)
     return x
