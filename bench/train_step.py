@@ -75,7 +75,8 @@ def _setup(variant: str, size: int, batch: int):
     grid = model.patch_embed.grid_size
     n = model.num_prefix_tokens + grid[0] * grid[1]
     if variant.startswith("patched"):
-        patch_vit(model, sigma=SIGMA, learnable_sigma=variant.endswith("learnable"), per_head_sigma=True,
+        learn = variant.endswith("learnable")
+        patch_vit(model, sigma=SIGMA, learnable_sigma=learn, per_head_sigma=learn,
                   backend="torch")  # fmt: skip
     fixed_mask = gaussian_bias(grid, SIGMA, num_prefix_tokens=model.num_prefix_tokens)  # [N, N]
     if variant == "dense_learnable":

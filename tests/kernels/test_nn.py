@@ -510,3 +510,15 @@ def test_torch_compile_fullgraph_forward_backward():
     for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
     h.remove()
+
+
+def test_import_pulls_in_no_model_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, naclip_kernels.nn; "
+        "print([m for m in ('timm', 'open_clip', 'transformers', 'PIL', 'naclip') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
