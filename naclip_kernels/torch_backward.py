@@ -206,37 +206,42 @@ def flash_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias, budg
     return dq, dk, dv, grads
 
 
-def _weight_table(spec, params, *, with_d2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bias_scale * G + log F`` (``F = G`` or ``G * d^2``) as a function of the grid offset only: ``[h,
-    (2 gh - 1) * (2 gw - 1)]`` indexed by ``(dy + gh - 1) * (2 gw - 1) + dx + gw - 1`` (``-inf`` where
-    ``F = 0``), and per head whether any entry is finite (else every row of that head contributes 0)."""
+def _weight_windows(spec, params, *, with_d2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bias_scale * G + log F`` (``F = G`` or ``G * d^2``; ``-inf`` where ``F = 0``) depends on the grid
+    offset only, so one ``[h, 2 gh - 1, 2 gw - 1]`` table ``T`` (reversed: ``T[a, b]`` holds the offset
+    ``(gh - 1 - a, gw - 1 - b)``) serves every query: the mask row of query ``(r, c)`` is the window
+    ``T[gh - 1 - r :, gw - 1 - c :][:gh, :gw]``. Returns the windows ``[h, gh, gw, gh, gw]`` (a strided view,
+    indexed by the reversed query position) and per head whether any entry is finite (else the head's rows
+    contribute 0)."""
     gh, gw = spec.grid_hw  # type: ignore[misc]
     dt, dev = mask_dtype(spec), spec.device
-    dy = torch.arange(1 - gh, gh, dtype=dt, device=dev)
-    dx = torch.arange(1 - gw, gw, dtype=dt, device=dev)
-    d2 = (dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :]).flatten()
+    dy = torch.arange(gh - 1, -gh, -1, dtype=dt, device=dev)
+    dx = torch.arange(gw - 1, -gw, -1, dtype=dt, device=dev)
+    d2 = dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :]
     logd2 = torch.log(d2) if with_d2 else 0.0
     rows = []
     for sg, bsc in zip(params.sigmas, params.scales, strict=True):
         lg = _log_gaussian(d2, sg)
         rows.append(torch.exp(lg).mul_(bsc).add_(lg).add_(logd2))
-    table = torch.stack(rows)
-    return table, (table > -math.inf).any(-1)
+    table = torch.stack(rows)  # [h, 2gh - 1, 2gw - 1], contiguous
+    h, W = table.shape[0], 2 * gw - 1
+    windows = table.as_strided((h, gh, gw, gh, gw), (table.stride(0), W, 1, W, 1))
+    return windows, (table > -math.inf).flatten(1).any(-1)
 
 
-def _weight_mask(spec, table: torch.Tensor, s: int, e: int, a: int, b: int) -> torch.Tensor:
-    """``[1, h, e - s, b - a]`` gather of :func:`_weight_table` for patch query rows ``[s, e)`` (``s >= P``)
-    and key tokens ``[a, b)``; prefix keys get ``-inf`` (``F = 0``)."""
-    P, (gh, gw), dev = spec.num_prefix_tokens, spec.grid_hw, spec.device
-    i, j = torch.arange(s - P, e - P, device=dev), torch.arange(max(a, P) - P, b - P, device=dev)
-    w = 2 * gw - 1
-    row = torch.div(i, gw, rounding_mode="floor").add_(gh - 1).mul_(w).add_(i % gw).add_(gw - 1)
-    col = torch.div(j, gw, rounding_mode="floor").mul_(w).add_(j % gw)
-    idx = (row[:, None] - col[None, :]).flatten()
-    m = table.new_empty(table.shape[0], e - s, b - a)
-    pc = max(0, min(b, P) - a)  # prefix key columns in [a, b)
+def _weight_mask(spec, windows: torch.Tensor, s: int, e: int, a: int, kr0: int, kr1: int) -> torch.Tensor:
+    """``[1, h, e - s, b - a]`` mask for patch query rows ``[s, e)`` (``s >= P``) and the key tokens of grid
+    rows ``kr0..kr1`` (from ``a``: the prefix keys too when ``a == 0``, as ``-inf``: ``F = 0``)."""
+    P, gw, dev = spec.num_prefix_tokens, spec.grid_hw[1], spec.device  # type: ignore[index]
+    gh = spec.grid_hw[0]  # type: ignore[index]
+    i = torch.arange(s - P, e - P, device=dev)
+    r_rev = (gh - 1) - torch.div(i, gw, rounding_mode="floor")
+    c_rev = (gw - 1) - i % gw
+    h, pc = windows.shape[0], (P if a == 0 else 0)
+    nk = (kr1 - kr0 + 1) * gw
+    m = windows.new_empty(h, e - s, pc + nk)
     m[:, :, :pc] = -math.inf
-    m[:, :, pc:] = table.index_select(1, idx).view(table.shape[0], e - s, b - a - pc)
+    m[:, :, pc:] = windows[:, r_rev, c_rev, kr0 : kr1 + 1].reshape(h, e - s, nk)
     return m[None]
 
 
@@ -261,17 +266,17 @@ def _flash_bias_grads(do_, q_, k_, v_, out, lse, spec, params, plan, need_sigma,
     kinds = [kind for kind, need in (("sigma", need_sigma), ("bias", need_bias)) if need]
     sums = {kind: torch.zeros(spec.H, dtype=work, device=spec.device) for kind in kinds}
     R = -2 if band_split_radius(spec, params, "flash") == -2 else _grad_radius(spec, params)
-    tables = {kind: _weight_table(spec, params, with_d2=kind == "sigma") for kind in kinds}
+    tables = {kind: _weight_windows(spec, params, with_d2=kind == "sigma") for kind in kinds}
     for s in range(0, N, C):
         e = min(N, s + C)
         ps = max(s, P)  # prefix query rows have F = 0
         if ps >= e:
             continue
         band = _band(spec, s, e, R)
-        a, b = (0, N) if band is None else band[:2]
+        a, b, kr0, kr1 = (0, N, 0, spec.grid_hw[0] - 1) if band is None else band
         for kind in kinds:
-            table, head_ok = tables[kind]
-            m = _weight_mask(spec, table, ps, e, a, b)
+            windows, head_ok = tables[kind]
+            m = _weight_mask(spec, windows, ps, e, a, kr0, kr1)
             for b0 in range(0, B, bc):
                 bs_ = slice(b0, min(B, b0 + bc))
                 o1, l1 = _flash_cpu(
