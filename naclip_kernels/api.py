@@ -64,7 +64,7 @@ def get_default_backend() -> str:
 def _load_triton() -> tuple[Any, str | None]:
     """Import the Triton plug-in lazily; return (module, None) or (None, reason)."""
     try:
-        mod = importlib.import_module("naclip_kernels.triton_backend")
+        mod = importlib.import_module("naclip_kernels.triton")
     except Exception as e:  # ImportError, or a triton runtime error raised at import time
         return None, f"triton not installed/importable: {type(e).__name__}: {e}"
     return mod, None
@@ -82,7 +82,7 @@ def _triton_reasons(
 def available_backends() -> list[str]:
     """Concrete backends usable on this machine, in preference order.
 
-    ``"torch"`` and ``"reference"`` always; ``"triton"`` first when ``naclip_kernels.triton_backend`` imports
+    ``"torch"`` and ``"reference"`` always; ``"triton"`` first when ``naclip_kernels.triton`` imports
     and either CUDA is available or ``TRITON_INTERPRET=1`` (the CPU interpreter) is set.
     """
     out = ["torch", "reference"]
