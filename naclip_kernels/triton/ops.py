@@ -1,8 +1,8 @@
 """``torch.library`` registration of the Triton path and the differentiable ``triton_attention``.
 
 Ops ``naclip_kernels::triton_fwd`` (``-> (out, lse)``) and ``naclip_kernels::triton_bwd`` are
-``torch.library.triton_op`` s launching through ``wrap_triton``: ``torch.compile`` traces into the kernels and
-the op bodies double as fake implementations (outputs allocated from shapes only). ``register_autograd`` on
+``torch.library.triton_op`` s launching through ``wrap_triton`` (``torch.compile`` traces into the kernels),
+with shape-only fake implementations (also usable under the interpreter). ``register_autograd`` on
 ``triton_fwd`` gives dq, dk, dv and, for tensor ``sigma`` / ``bias_scale``, their gradients (deterministic
 host-side sums of per-row partials).
 """
@@ -11,14 +11,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import custom_op, triton_op
 
-from . import launch
+from . import configs, launch
 
 __all__ = ["triton_attention"]
 
+# Under TRITON_INTERPRET=1 the kernels are Python functions that torch.compile cannot trace into: the ops are
+# then opaque custom ops (same schema, fake impls, autograd), so compiled graphs call the interpreter eagerly.
+_register = custom_op if configs.interpreting() else triton_op
 
-@triton_op("naclip_kernels::triton_fwd", mutates_args=())
+
+@_register("naclip_kernels::triton_fwd", mutates_args=())
 def triton_fwd(
     q: Tensor,
     k: Tensor,
@@ -45,7 +49,7 @@ def triton_fwd(
     )  # fmt: skip
 
 
-@triton_op("naclip_kernels::triton_bwd", mutates_args=())
+@_register("naclip_kernels::triton_bwd", mutates_args=())
 def triton_bwd(
     grad_out: Tensor,
     q: Tensor,
@@ -71,6 +75,23 @@ def triton_bwd(
         grad_out, q, k, v, out, lse, table, rows, g_table, gd2_table, grid_hw=(grid_h, grid_w),
         num_prefix=num_prefix, scale=scale, has_bias=has_bias, bias_grad=bias_grad, q_is_k=q_is_k,
     )  # fmt: skip
+
+
+@triton_fwd.register_fake
+def _triton_fwd_fake(q, k, v, table, rows, sigma, bias_scale, *args: Any) -> tuple[Tensor, Tensor]:
+    """Shapes only: ``out`` like a contiguous q, ``lse`` ``[B, H, N]`` fp32 (``[0]`` unless ``store_lse``)."""
+    B, H, N, _ = q.shape
+    store_lse = args[-1]
+    return q.new_empty(q.shape), q.new_empty((B, H, N) if store_lse else (0,), dtype=torch.float32)
+
+
+@triton_bwd.register_fake
+def _triton_bwd_fake(grad_out, q, *args: Any) -> tuple[Tensor, ...]:
+    B, H, N, _ = q.shape
+    bias_grad = args[-2]
+    sums = (B, H, N) if bias_grad else (0,)
+    grads = tuple(q.new_empty(q.shape) for _ in range(3))
+    return (*grads, *(q.new_empty(sums, dtype=torch.float32) for _ in range(2)))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
