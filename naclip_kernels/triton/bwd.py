@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .tiles import dot_acc, gather, key_coords, load_rows, mm, near_range, query_coords
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -169,12 +169,19 @@ def config_allowed(
 
 
 def bwd_config_allowed(
-    config: dict, *, kernel: str, dtype: torch.dtype, head_dim: int, has_bias: bool, n: int
+    config: dict,
+    *,
+    kernel: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    has_bias: bool,
+    n: int,
+    bias_grad: bool = False,
 ) -> bool:
     """Whether the backward autotuner may launch ``config`` (a ``BWD_CONFIGS[kernel]`` entry) for ``kernel``
     ``"dkdv"`` or ``"dq"``: shared-memory estimate within 160 KB (resident tiles + staged tiles + the bias
-    tile's conversion), fp32 tiles at most 64x64, and the forward's score-elements-per-thread cap with the
-    bias."""
+    tile's conversion), fp32 tiles at most 64x64, the forward's score-elements-per-thread cap with the bias,
+    and half that cap for the dq kernel's three gathers with ``bias_grad`` (32 spill on sm_80)."""
     if kernel not in BWD_CONFIGS:
         raise ValueError(f"kernel must be one of {sorted(BWD_CONFIGS)}; got {kernel!r}")
     _check(config, dtype, head_dim, n)
@@ -187,7 +194,8 @@ def bwd_config_allowed(
         return False
     if n_bucket(n) <= 128 and resident > 64:
         return False
-    return not (has_bias and bm * bn > BIAS_MAX_SCORES_PER_THREAD * 32 * warps)
+    cap = BIAS_MAX_SCORES_PER_THREAD // (2 if bias_grad and kernel == "dq" else 1)
+    return not (has_bias and bm * bn > cap * 32 * warps)
 
 
 def heuristic_config(
@@ -238,7 +246,7 @@ def _pruner(kernel: str):
                 branch = merged.get("GATHER_BRANCH")
                 ok = config_allowed(c, **args, gather_branch=None if branch is None else bool(branch))
             else:
-                ok = bwd_config_allowed(c, kernel=kernel, **args)
+                ok = bwd_config_allowed(c, kernel=kernel, **args, bias_grad=bool(merged.get("BIAS_GRAD")))
             if ok:
                 kept.append(cfg)
         return kept or [configs[0]]

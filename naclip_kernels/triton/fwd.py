@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .tiles import dot_acc, gather, key_coords, load_rows, mm, near_range, query_coords
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
