@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-#: (label, batch, grid): 162 sliding-window crops of a 2048x1024 image, then one image at 512 / 1024 / 2048 px.
+#: (label, batch, grid): 162 sliding-window crops of a 2048x1024 image, one image at 512 / 1024 / 2048 px.
 CASES = [
-    ("crops162xN197", 162, (14, 14)), ("N1025", 8, (32, 32)), ("N4097", 1, (64, 64)), ("N16385", 1, (128, 128))
-]  # fmt: skip
+    ("crops162xN197", 162, (14, 14)),
+    ("N1025", 8, (32, 32)),
+    ("N4097", 1, (64, 64)),
+    ("N16385", 1, (128, 128)),
+]
 H, D, SIGMA = 12, 64, 5.0
 
 
@@ -77,7 +80,8 @@ def _methods(grid: tuple[int, int], dt: torch.dtype):
     return {
         "triton_fixed_sigma": (lambda k, v: gaussian_attention(k, k, v, grid, SIGMA, backend="triton"), ()),
         "triton_learnable_sigma": (
-            lambda k, v: gaussian_attention(k, k, v, grid, sig_learn, backend="triton"), (sig_learn,)
+            lambda k, v: gaussian_attention(k, k, v, grid, sig_learn, backend="triton"),
+            (sig_learn,),
         ),
         "sdpa_flash_nobias": (flash, ()),
         "sdpa_dense_mask": (lambda k, v: F.scaled_dot_product_attention(k, k, v, attn_mask=mask), ()),
