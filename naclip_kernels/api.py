@@ -66,13 +66,16 @@ def get_default_backend() -> str:
     return _check_backend_name(env, f"environment variable {ENV_VAR}")
 
 
-#: Module paths tried in order for the Triton backend; the second is the forward-only module this package
-#: shipped before ``naclip_kernels.triton`` (kept until that package lands on this branch).
-_TRITON_MODULES = ("naclip_kernels.triton", "naclip_kernels.triton_backend")
+#: Module paths tried in order for the Triton backend (the forward-only ``triton_backend`` module is gone).
+_TRITON_MODULES = ("naclip_kernels.triton",)
 
 
 def _load_triton() -> tuple[Any, str | None]:
     """Import the Triton plug-in lazily; return (module, None) or (None, reason)."""
+    if torch.compiler.is_compiling():  # dynamo does not trace importlib; an import statement it does
+        from . import triton as mod
+
+        return mod, None
     errors = []
     for name in _TRITON_MODULES:
         try:
