@@ -439,16 +439,16 @@ def _legend_name(c: int, class_names: Sequence[str]) -> str:
     return UNKNOWN_NAME if c == UNKNOWN_LABEL else str(c)
 
 
-def _legend_rows(entries: list[tuple[int, str, int]], width: int) -> list[list[tuple[int, str, int]]]:
-    """Greedy line breaking of ``(label, name, entry width)`` into rows no wider than ``width``."""
-    rows: list[list[tuple[int, str, int]]] = [[]]
+def _legend_rows(entries: list[tuple[int, int]], width: int) -> list[list[tuple[int, int]]]:
+    """Greedy line breaking of ``(label, entry width)`` into rows no wider than ``width``."""
+    rows: list[list[tuple[int, int]]] = [[]]
     x = 0
     for e in entries:
-        if rows[-1] and x + e[2] > width:
+        if rows[-1] and x + e[1] > width:
             rows.append([])
             x = 0
         rows[-1].append(e)
-        x += e[2]
+        x += e[1]
     return [r for r in rows if r]
 
 
@@ -463,7 +463,8 @@ def render_overlay(
     """Blend the colourised ``labels`` over ``image`` (``(1-alpha)·image + alpha·colour``, colours from
     ``palette``, default VOC) and add a legend below it listing the labels present (colour swatch + name;
     :data:`UNKNOWN_LABEL` beyond the names is "unknown"). The legend scales with the image
-    (:func:`legend_text_height`) and draws any Unicode name a installed font covers (:mod:`naclip._fonts`)."""
+    (:func:`legend_text_height`) and draws any Unicode name an installed font covers
+    (:mod:`naclip._fonts`)."""
     from naclip import _fonts
 
     if not 0.0 <= alpha <= 1.0:
@@ -479,7 +480,7 @@ def render_overlay(
     em = legend_text_height(h, w)
     sw, pad = em, max(4, em // 2)
     texts = {int(c): _fonts.render_text(_legend_name(int(c), class_names), em) for c in np.unique(lab)}
-    entries = [(c, "", sw + pad // 2 + t.width + 2 * pad) for c, t in texts.items()]
+    entries = [(c, sw + pad // 2 + t.width + 2 * pad) for c, t in texts.items()]
     line_h = max([t.height for t in texts.values()] + [sw]) + pad
     rows = _legend_rows(entries, w)
     canvas = Image.new("RGB", (w, h + len(rows) * line_h + pad), (255, 255, 255))
@@ -488,7 +489,7 @@ def render_overlay(
     y = h + pad
     for row in rows:
         x = pad
-        for c, _, ew in row:
+        for c, ew in row:
             colour = tuple(int(v) for v in pal[c % len(pal)])
             top = y + (line_h - pad - sw) // 2
             draw.rectangle([x, top, x + sw, top + sw], fill=colour, outline=(0, 0, 0), width=max(1, em // 12))

@@ -255,6 +255,23 @@ def test_offline_weights_error_is_one_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_no_network_without_hf_hub_offline_fails_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, no_network: dict
+) -> None:
+    """The README's promise without ``HF_HUB_OFFLINE``: one probe, no retries, the same one clear line."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    img = _image(tmp_path / "x.png")
+    argv = ["segment", str(img), "--classes", "a; b", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Retry" not in err
+    assert "No network" in err and "ViT-B-16" in err and "--checkpoint" in err and "NACLIP_CHECKPOINT" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_and_score_are_registered() -> None:
     import naclip.eval.cli as eval_cli  # part of the package: a broken import must fail, not skip
 

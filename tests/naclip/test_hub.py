@@ -235,42 +235,6 @@ def test_precision_uses_the_shared_dtype_parser(dtype, precision):
 # --------------------------------------------------------------------- no network without HF_HUB_OFFLINE
 
 
-def _closed_local_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """No ``HF_HUB_OFFLINE``; the hub endpoint is a closed loopback port; any lookup or connection to a
-    non-loopback address is refused in-process (recorded), so nothing leaves the machine."""
-    import socket
-
-    from huggingface_hub import constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_local_port()}")
-    blocked: list[str] = []
-    real_getaddrinfo = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kw):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            blocked.append(str(host))
-            raise socket.gaierror(f"blocked by the test: {host}")
-        return real_getaddrinfo(host, *args, **kw)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-    return {"blocked": blocked, "cache": tmp_path / "empty-cache"}
-
-
 def test_unreachable_hub_fails_at_once_without_retries(no_network, caplog):
     with pytest.raises(WeightsUnavailableError) as info:
         load_clip("ViT-B-16", "openai", device="cpu", cache_dir=no_network["cache"])
@@ -297,10 +261,10 @@ def test_unreachable_hub_still_uses_the_cache(no_network, small_state, monkeypat
     _assert_same_weights(model, sd)
 
 
-def test_probe_reports_a_closed_port_and_accepts_an_open_one():
+def test_probe_reports_a_closed_port_and_accepts_an_open_one(closed_port):
     import socket
 
-    assert "cannot connect to 127.0.0.1" in hub._unreachable(f"http://127.0.0.1:{_closed_local_port()}")
+    assert "cannot connect to 127.0.0.1" in hub._unreachable(f"http://127.0.0.1:{closed_port}")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
