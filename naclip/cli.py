@@ -4,16 +4,21 @@
 --out DIR`` segments every image (directories are scanned non-recursively for image files) and writes,
 atomically and into ``--out`` only:
 
-* ``<stem>_mask.png``: palette PNG, pixel value = class index;
+* ``<stem>_mask.png``: palette PNG, pixel value = class index (255 = "unknown": below ``--prob-thd`` when no
+  user class is a background; presets keep their class 0 background);
 * ``<stem>_overlay.png``: the image blended with the class colours, with a legend (``--no-overlay`` to skip);
 * ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``).
 
-An output path that is also an input is refused up front. A file that cannot be read or segmented is reported
-and the others are still processed; the exit status is then 1. User errors (bad arguments, unknown preset,
-missing weights when offline, ...) print one ``error:`` line and exit with status 2, without a traceback (set
-``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from :mod:`naclip.eval.cli`.
+An output path that is also an input is refused up front. Every check that needs no model (readable image,
+size against the model's patch and the pixel limit, class count, a creatable ``--out``) runs before the model
+loads; ``--out`` is created only then and removed again if nothing was written. A file that cannot be read or
+segmented is reported and the others are still processed; the exit status is then 1. User errors (bad
+arguments, unknown preset, missing weights when offline, ...) print one ``error:`` line and exit with status
+2, without a traceback (set ``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from
+:mod:`naclip.eval.cli`.
 
-Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here):
+Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here): the option groups
+:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options),
 :func:`probability`, :func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`,
 :data:`MODES`, :data:`BACKENDS`, :data:`METHODS`.
 """
