@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +14,14 @@ from naclip.eval.datasets import EvalDataset
 from naclip.eval.synthetic import main, make_synthetic_dataset
 
 
-def test_help_prints_the_usage():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "naclip.eval.synthetic", "--help"], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0 and "--dataset" in proc.stdout and "--root" in proc.stdout
+def test_help_prints_the_usage(monkeypatch, capsys):
+    # as ``python -m naclip.eval.synthetic --help`` (its __main__ block), in this process
+    monkeypatch.setattr(sys, "argv", ["python -m naclip.eval.synthetic", "--help"])
+    monkeypatch.delitem(sys.modules, "naclip.eval.synthetic", raising=False)
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("naclip.eval.synthetic", run_name="__main__")
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--dataset" in out and "--root" in out and "naclip eval" in out
 
 
 @pytest.mark.parametrize("name", ["voc21", "cityscapes"])

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from naclip import cli
 from naclip.cli import main
+from naclip.io import voc_palette
 
 TINY = "naclip-test-tiny"  # an open_clip model config registered from a JSON file (no weights download)
 TINY_CFG = {
@@ -107,6 +107,9 @@ def test_preset_and_overrides(tiny: dict, tmp_path: Path) -> None:
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x_mask.png", "x_probs.npy"]
     assert np.load(tmp_path / "o/x_probs.npy").shape[0] == 21
+    # a preset keeps its real background class 0 (black, VOC palette) and its threshold semantics
+    assert np.array_equal(_palette(tmp_path / "o/x_mask.png"), voc_palette())
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "o/x_mask.png"))).tolist()) <= set(range(21))
 
 
 def test_same_stem_inputs_get_distinct_outputs(tiny: dict, tmp_path: Path) -> None:
@@ -240,18 +243,15 @@ def test_offline_weights_error_is_one_clear_message(tmp_path: Path) -> None:
         os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "c")
     )
     env.pop("NACLIP_CHECKPOINT", None)
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "naclip", "segment", str(img), "--classes", "a; b",
          "--out", str(tmp_path / "o"), "--no-progress"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
-    elapsed = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1  # no retries
     assert "ViT-B-16" in err and "openai" in err and "--checkpoint" in err and "NACLIP_CHECKPOINT" in err
-    assert elapsed < 60
     assert not (tmp_path / "o").exists()
 
 
@@ -525,11 +525,6 @@ def test_user_classes_get_visible_colours_and_an_explicit_unknown(tiny: dict, tm
     assert (pal[255] == 0).all()  # unknown is
     values = set(np.unique(np.asarray(mask)).tolist())
     assert values <= {0, 1, 255}
-    # a preset keeps its real background class 0 (black) and threshold semantics
-    assert _segment(tiny, [img], tmp_path / "p", "--preset", "voc21", "--prob-thd", "1") == 0
-    pmask = np.asarray(Image.open(tmp_path / "p/x_mask.png"))
-    assert (_palette(tmp_path / "p/x_mask.png")[0] == 0).all()
-    assert set(np.unique(pmask).tolist()) <= set(range(21))
 
 
 def test_threshold_goes_to_a_user_background_class(tiny: dict, tmp_path: Path) -> None:
