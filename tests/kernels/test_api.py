@@ -58,7 +58,7 @@ def test_kernels_package_does_not_import_naclip_or_open_clip():
 
     code = (
         "import sys, naclip_kernels\n"
-        "bad = [m for m in ('naclip', 'open_clip', 'PIL', 'triton', 'naclip_kernels.triton_backend') "
+        "bad = [m for m in ('naclip', 'open_clip', 'PIL', 'triton', 'naclip_kernels.triton') "
         "if m in sys.modules]\n"
         "print(','.join(bad))"
     )
@@ -159,7 +159,7 @@ def test_non_str_backend_is_type_error(name):
 
 
 def _install_fake_triton(monkeypatch, reasons):
-    mod = types.ModuleType("naclip_kernels.triton_backend")
+    mod = types.ModuleType("naclip_kernels.triton")
     calls = []
     mod.unsupported_reasons = lambda q, k, v, spec: list(reasons)
 
@@ -179,7 +179,7 @@ def _install_fake_triton(monkeypatch, reasons):
         return out.float().transpose(1, 2).contiguous().transpose(1, 2)
 
     mod.triton_attention = triton_attention
-    monkeypatch.setitem(sys.modules, "naclip_kernels.triton_backend", mod)
+    monkeypatch.setitem(sys.modules, "naclip_kernels.triton", mod)
     return calls
 
 
@@ -204,11 +204,11 @@ def test_triton_not_importable_is_a_reason(monkeypatch):
     real_import = importlib.import_module
 
     def fake_import(name, *a, **kw):
-        if name == "naclip_kernels.triton_backend":
+        if name == "naclip_kernels.triton":
             raise ImportError("No module named 'triton'")
         return real_import(name, *a, **kw)
 
-    monkeypatch.delitem(sys.modules, "naclip_kernels.triton_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "naclip_kernels.triton", raising=False)
     monkeypatch.setattr(api.importlib, "import_module", fake_import)
     q, k, v = _qkv()
     with pytest.raises(
