@@ -520,5 +520,7 @@ def test_import_pulls_in_no_model_library():
         "import sys, naclip_kernels.nn; "
         "print([m for m in ('timm', 'open_clip', 'transformers', 'PIL', 'naclip') if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"
