@@ -1,7 +1,7 @@
 """Training-step benchmark (pytest-benchmark): timm ``vit_small_patch16_224`` with Gaussian-biased attention.
 
 One step = forward + cross-entropy + backward + AdamW step, random-init model (``pretrained=False``), float32,
-random images and labels, ``torch.set_num_threads($BENCH_THREADS or 2)``. Cases: 224x224 batch 32 (N = 197)
+random inputs, ``torch.set_num_threads($NACLIP_BENCH_THREADS or 2)``. Cases: 224x224 batch 32 (N=197)
 and 512x512 batch 4 (N = 1025, the model built at ``img_size=512``). Variants, all with sigma = 5 grid cells,
 ``bias_scale = 1``, the bias in every block:
 
@@ -44,7 +44,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("pytest_benchmark")
 
 SIGMA = 5.0
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("NACLIP_BENCH_THREADS", "2"))  # the same variable as bench/conftest.py
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CASES = {"224px-b32-N197": (224, 32), "512px-b4-N1025": (512, 4)}
 VARIANTS = ("sdpa", "patched_fixed", "patched_learnable", "dense_fixed", "dense_learnable")
