@@ -26,12 +26,15 @@ from dataclasses import dataclass
 import open_clip
 import torch
 
+from naclip.text_tower import TextEncoder
+
 __all__ = [
     "TEMPLATES",
     "ClassSpec",
     "parse_classes",
     "prompts_for",
     "encode_queries",
+    "text_encoding_path",
     "TextFeatureCache",
 ]
 
@@ -132,7 +135,21 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.float32
 
 
-@torch.no_grad()
+def _unique(items: Sequence[str]) -> tuple[list[str], list[int]]:
+    """``(unique items in first-seen order, index of every item in that list)``."""
+    first: dict[str, int] = {}
+    inverse = [first.setdefault(s, len(first)) for s in items]
+    return list(first), inverse
+
+
+def text_encoding_path(model: torch.nn.Module) -> tuple[str, str]:
+    """``(path, reason)``: how :func:`encode_queries` runs ``model``'s text tower, ``"short-context"`` (exact
+    truncation after the pooled token) or ``"full-context"`` (plain ``encode_text``; ``reason`` says why)."""
+    enc = TextEncoder(model)
+    return enc.path, enc.reason
+
+
+@torch.inference_mode()
 def encode_queries(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -142,32 +159,35 @@ def encode_queries(
     queries_per_batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Text classifier ``[Q, D]`` (float32, unit rows) for ``queries`` with an open_clip CLIP ``model``.
+    """Text classifier ``[Q, D]`` (float32, unit rows, CPU) for ``queries`` with an open_clip ``model``.
 
     For each query: ``e_t = encode_text(tokenize(template_t(query)))``, ``e_t /= ||e_t||``, ``f = mean_t
-    e_t``, ``f /= ||f||``. ``queries_per_batch`` queries (``len(templates)`` prompts each) go through
-    ``encode_text`` at once; ``progress(done, total)`` is called after every chunk.
+    e_t``, ``f /= ||f||``. Identical queries and identical prompts are encoded once; on causal open_clip text
+    towers the transformer runs only up to the pooled (EOT) token of each batch (:mod:`naclip.text_tower`,
+    exact: equal to the full-context ``encode_text`` up to float rounding). ``queries_per_batch`` distinct
+    queries are tokenized and encoded together; ``progress(done, total)`` is called after every such chunk
+    (``total`` = number of distinct queries).
     """
     if isinstance(queries, str) or not queries:
         raise ValueError(f"queries: expected a non-empty list of str, got {queries!r}")
     if isinstance(queries_per_batch, bool) or not isinstance(queries_per_batch, int) or queries_per_batch < 1:
         raise ValueError(f"queries_per_batch: expected a positive int, got {queries_per_batch!r}")
-    if not templates:
-        raise ValueError("templates: expected at least one template")
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates: expected at least one template, got {templates!r}")
     device, _ = _model_device_dtype(model)
-    n_t = len(templates)
-    out = []
-    total = len(queries)
+    encoder = TextEncoder(model)
+    distinct, query_inverse = _unique(list(queries))
+    n_t, total, out = len(templates), len(distinct), []
     for start in range(0, total, queries_per_batch):
-        chunk = queries[start : start + queries_per_batch]
-        tokens = tokenizer([p for q in chunk for p in prompts_for(q, templates)]).to(device)
-        emb = model.encode_text(tokens).float()
+        chunk = distinct[start : start + queries_per_batch]
+        prompts, inverse = _unique([p for q in chunk for p in prompts_for(q, templates)])
+        emb = encoder.encode(tokenizer(prompts).to(device)).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
-        emb = emb.view(len(chunk), n_t, -1).mean(dim=1)
+        emb = emb[torch.tensor(inverse, device=emb.device)].view(len(chunk), n_t, -1).mean(dim=1)
         out.append(emb / emb.norm(dim=-1, keepdim=True))
         if progress is not None:
             progress(min(start + queries_per_batch, total), total)
-    return torch.cat(out, dim=0).cpu()
+    return torch.cat(out, dim=0).cpu()[torch.tensor(query_inverse)]
 
 
 class TextFeatureCache:
