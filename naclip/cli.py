@@ -15,17 +15,20 @@ loads; ``--out`` is created only then and removed again if nothing was written. 
 segmented is reported and the others are still processed; the exit status is then 1. User errors (bad
 arguments, unknown preset, missing weights when offline, ...) print one ``error:`` line and exit with status
 2, without a traceback (set ``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from
-:mod:`naclip.eval.cli`.
+:mod:`naclip.eval.cli`. ``naclip cache info|clear`` shows or deletes the on-disk text-feature cache
+(:mod:`naclip.text_cache`).
 
 Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here): the option groups
-:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options),
-:func:`probability`, :func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`,
-:data:`MODES`, :data:`BACKENDS`, :data:`METHODS`.
+:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options), the text
+options (:func:`add_text_args`, :func:`templates_arg`, :func:`text_progress`), :func:`probability`,
+:func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`, :data:`MODES`,
+:data:`BACKENDS`, :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -269,7 +272,92 @@ def _add_segment_parser(subparsers) -> None:
         f"(default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
     )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_text_args(p)
     p.set_defaults(func=_run_segment)
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    """``--templates`` and ``--no-text-cache`` (shared by ``segment`` and ``eval``)."""
+    from naclip.text import TEMPLATE_SETS
+
+    p.add_argument(
+        "--templates",
+        metavar="NAME|FILE",
+        help="prompt templates: a built-in set (" + ", ".join(TEMPLATE_SETS) + "; default imagenet80, "
+        "NACLIP's) or a file with one template per line containing {}. CHANGES THE RESULT: other templates "
+        "give other text features",
+    )
+    p.add_argument(
+        "--no-text-cache",
+        action="store_true",
+        help="neither read nor write the on-disk text-feature cache ($NACLIP_CACHE_DIR, see naclip cache)",
+    )
+
+
+def templates_arg(value: str | None):
+    """``--templates``: ``None`` -> ``None`` (the default set), else :func:`naclip.text.load_templates`
+    (its ValueError becomes a :class:`UserError`)."""
+    if value is None:
+        return None
+    from naclip.text import load_templates
+
+    try:
+        return load_templates(value)
+    except ValueError as exc:
+        raise UserError(f"--templates: {exc}") from None
+
+
+@contextlib.contextmanager
+def text_progress(*, disable: bool, desc: str = "text features"):
+    """A ``progress(done, total)`` callback for :meth:`naclip.Segmenter.text_features` that draws a tqdm bar
+    on stderr from its first call (so nothing shows when every query comes from a cache)."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if disable:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="query", desc=desc, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _add_cache_parser(subparsers) -> None:
+    from naclip.text_cache import CACHE_ENV
+
+    p = subparsers.add_parser(
+        "cache",
+        help="show or clear the on-disk text-feature cache",
+        description=f"The text-feature cache lives in ${CACHE_ENV} (default ~/.cache/naclip; set it to the "
+        "empty string to turn the cache off).",
+    )
+    p.add_argument("action", choices=("info", "clear"), help="info: location, entries, sizes; clear: delete")
+    p.add_argument("--dir", metavar="DIR", help=f"cache folder (default: ${CACHE_ENV} or ~/.cache/naclip)")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from naclip.text_cache import CACHE_ENV, DiskTextCache, cache_root
+
+    root = Path(args.dir) if args.dir else cache_root()
+    if root is None:
+        print(f"naclip cache: off (${CACHE_ENV} is set to the empty string)")
+        return EXIT_OK
+    cache = DiskTextCache(root)
+    try:
+        lines = cache.clear_report() if args.action == "clear" else cache.info_report()
+    except OSError as exc:
+        raise UserError(f"cache {str(cache.text_dir)!r}: {exc}") from None
+    print("\n".join(lines))
+    return EXIT_OK
 
 
 def _add_external_parsers(subparsers) -> None:
@@ -291,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     _add_segment_parser(subparsers)
     _add_external_parsers(subparsers)
+    _add_cache_parser(subparsers)
     return parser
 
 
@@ -433,6 +522,7 @@ def _load_segmenter(args, config):
             checkpoint=checkpoint,
             backend=args.backend,  # None: $NACLIP_ATTN_BACKEND, else auto; an explicit value wins
             config=config,
+            text_cache=False if args.no_text_cache else None,
         )
     except WeightsUnavailableError as exc:
         raise UserError(str(exc)) from None
@@ -558,11 +648,13 @@ def _run_segment(args) -> int:
     spec, preset = _resolve_class_args(args)
     _check_palette_classes(spec, preset)
     _register_model_config(args.model_config)
+    templates = templates_arg(args.templates)
     try:
         config = SegmentConfig(
             max_pixels=args.max_pixels or None,
             exif_orientation=args.exif_orientation,
             **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),
+            **({"templates": templates} if templates else {}),
         )
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
@@ -590,15 +682,9 @@ def _run_segment(args) -> int:
 
 
 def _encode_text(seg, spec, args) -> None:
-    """Encode the class prompts once, before any image (cached by the Segmenter); a bar for long lists."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(spec.queries), unit="query", desc="text features", leave=False, file=sys.stderr,
-              disable=args.no_progress or len(spec.queries) < 32) as text_bar:  # fmt: skip
-
-        def progress(done: int, total: int) -> None:
-            text_bar.update(done - text_bar.n)
-
+    """Encode the class prompts once, before any image (cached by the Segmenter, in memory and on disk); the
+    bar shows from the first query encoded (nothing when every query comes from a cache)."""
+    with text_progress(disable=args.no_progress) as progress:
         try:
             seg.text_features(spec, progress=progress)
         except (ValueError, TypeError) as exc:

@@ -25,7 +25,22 @@ import torch
 
 from naclip import inference, io
 from naclip.presets import Preset, get_preset
-from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes
+from naclip.text import (
+    TEMPLATES,
+    ClassSpec,
+    TextFeatureCache,
+    encode_queries,
+    parse_classes,
+    text_encoding_path,
+)
+from naclip.text_cache import (
+    DiskTextCache,
+    TextCacheContext,
+    cache_root,
+    encode_queries_cached,
+    tokenizer_digest,
+    weights_digest,
+)
 
 __all__ = [
     "DTYPES",
@@ -301,6 +316,17 @@ def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: to
         convert_weights_to_lp(module, dtype=dtype)
 
 
+def _disk_cache(text_cache: str | os.PathLike | bool | None) -> DiskTextCache | None:
+    if text_cache is None or text_cache is True:
+        root = cache_root()
+        return None if root is None else DiskTextCache(root)
+    if text_cache is False:
+        return None
+    if isinstance(text_cache, str | os.PathLike) and os.fspath(text_cache).strip():
+        return DiskTextCache(text_cache)
+    raise TypeError(f"text_cache: expected None, a bool or a folder path, got {text_cache!r}")
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -327,7 +353,11 @@ class Segmenter:
             open_clip's mixed precision like ``from_pretrained``: linear/conv weights in ``dtype``,
             LayerNorm in fp32 (spec §1.5); ``None`` keeps the model's precision.
         config: :class:`SegmentConfig` with the defaults.
-        model_id: a name for the text-feature cache key (default: derived from the object).
+        model_id: a name for the in-memory text-feature cache key (default: derived from the object).
+        text_cache: persistent text-feature cache (:mod:`naclip.text_cache`): ``None`` = the default folder
+            (``$NACLIP_CACHE_DIR``, off when that is set to ""; else ``~/.cache/naclip``), a path = that
+            folder, ``False`` = off. Keyed by the text weights' hash, templates, dtype, ...: a hit gives the
+            same features as encoding.
     """
 
     def __init__(
@@ -343,6 +373,7 @@ class Segmenter:
         dtype: str | torch.dtype | None = None,
         config: SegmentConfig | None = None,
         model_id: str | None = None,
+        text_cache: str | os.PathLike | bool | None = None,
     ) -> None:
         from open_clip.transformer import VisionTransformer
 
@@ -389,6 +420,9 @@ class Segmenter:
         )
         self.model_id = model_id or f"{type(module).__name__}@{id(module):x}"
         self._text_cache = TextFeatureCache()
+        self._disk_cache = _disk_cache(text_cache)
+        self._text_model_name = model_id or type(module).__name__  # disk-cache key (with the weights' hash)
+        self._text_ctx: dict[tuple, TextCacheContext] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -416,7 +450,9 @@ class Segmenter:
         tag = str(checkpoint) if checkpoint is not None else str(pretrained)
         kw.setdefault("model_id", f"{model}/{tag}")
         # load_clip already placed the model and applied open_clip's mixed precision (LayerNorm kept in fp32).
-        return cls(clip_model, tokenizer, method=method, **kw)
+        seg = cls(clip_model, tokenizer, method=method, **kw)
+        seg._text_model_name = model  # the weights' hash identifies the file, not its path
+        return seg
 
     # ------------------------------------------------------------------ properties
     @property
@@ -452,9 +488,9 @@ class Segmenter:
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Text classifier of ``classes``: ``(features [Q, D] unit rows, query_to_class LongTensor [Q],
-        class_names)``; features are float32 on the model's device. Cached per (model, dtype, device,
-        templates, queries); ``progress(done, total)`` is called while queries are encoded (not on a
-        cache hit).
+        class_names)``; features are float32 on the model's device. Cached in memory per (model, dtype,
+        device, templates, queries) and, per query, on disk (``text_cache``); ``progress(done, total)`` is
+        called while the queries missing from both caches are encoded (``total`` = their number).
         """
         spec = parse_classes(classes)
         if self.clip_model is None or self.tokenizer is None:
@@ -464,19 +500,44 @@ class Segmenter:
             )
         templates = tuple(self.config.templates)
         key = (self.model_id, str(self.dtype), str(self.device), templates, spec.queries)
-        feats = self._text_cache.get_or_compute(
-            key,
-            lambda: encode_queries(
+
+        def encode(queries: list[str], report: Callable[[int, int], None] | None) -> torch.Tensor:
+            return encode_queries(
                 self.clip_model,
                 self.tokenizer,
-                list(spec.queries),
+                queries,
                 templates=templates,
                 queries_per_batch=self.config.text_batch,
-                progress=progress,
-            ),
-        )
+                progress=report,
+            )
+
+        def compute() -> torch.Tensor:
+            if self._disk_cache is None:
+                return encode(list(spec.queries), progress)
+            ctx = self._text_context(templates)
+            return encode_queries_cached(self._disk_cache, ctx, encode, spec.queries, progress=progress)
+
+        feats = self._text_cache.get_or_compute(key, compute)
         qidx = torch.tensor(spec.query_to_class, dtype=torch.long)
         return feats.to(self.device), qidx, list(spec.names)
+
+    def _text_context(self, templates: tuple[str, ...]) -> TextCacheContext:
+        """Disk-cache key of this model's text features (the weights are hashed once per Segmenter)."""
+        if templates not in self._text_ctx:
+            import open_clip
+
+            base = next(iter(self._text_ctx.values()), None)
+            self._text_ctx[templates] = TextCacheContext(
+                model=self._text_model_name,
+                weights_sha256=base.weights_sha256 if base else weights_digest(self.clip_model),
+                tokenizer_sha256=base.tokenizer_sha256 if base else tokenizer_digest(self.tokenizer),
+                templates=templates,
+                dtype=dtype_name(self.dtype),
+                device_type=self.device.type,
+                open_clip=open_clip.__version__,
+                encoding_path=text_encoding_path(self.clip_model)[0],
+            )
+        return self._text_ctx[templates]
 
     # ------------------------------------------------------------------ inference
     def predict(
