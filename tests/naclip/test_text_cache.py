@@ -259,3 +259,72 @@ def test_segment_templates_option_is_a_one_line_error(tmp_path, capsys):
         == 2
     )
     assert "--templates" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> list[str]:
+    """``naclip segment`` arguments for a tiny random CLIP saved as a local checkpoint (the offline path)."""
+    import json
+
+    d = tmp_path_factory.mktemp("tiny_text_model")
+    cfg = d / "naclip-text-cache-tiny.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {
+                    "image_size": 64,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 16,
+                },
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(cfg.stem, pretrained=None).state_dict(), d / "tiny.pt")
+    return [
+        "--model-config",
+        str(cfg),
+        "--model",
+        cfg.stem,
+        "--checkpoint",
+        str(d / "tiny.pt"),
+        "--device",
+        "cpu",
+    ]
+
+
+def _segment(tmp_path, args, out, *extra) -> int:
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    if not img.exists():
+        Image.new("RGB", (40, 32), (90, 120, 200)).save(img)
+    argv = ["segment", str(img), "--classes", "sky, cloud; tree", "--out", str(tmp_path / out), "--no-pamr"]
+    return main([*argv, "--short-side", "32", *args, *extra])
+
+
+def test_segment_second_run_reads_the_cache(tmp_path, tiny_ckpt, encodes, monkeypatch, capsys):
+    monkeypatch.setenv("NACLIP_CACHE_DIR", str(tmp_path / "cache"))
+    assert _segment(tmp_path, tiny_ckpt, "a") == 0
+    assert sum(encodes) == 3 * 80 and "text features" in capsys.readouterr().err  # bar under 32 queries
+    encodes.clear()
+    assert _segment(tmp_path, tiny_ckpt, "b") == 0
+    assert encodes == [] and "text features" not in capsys.readouterr().err
+    assert (tmp_path / "a" / "x_mask.png").read_bytes() == (tmp_path / "b" / "x_mask.png").read_bytes()
+    assert _segment(tmp_path, tiny_ckpt, "c", "--no-text-cache", "--no-progress") == 0
+    assert sum(encodes) == 3 * 80
+    encodes.clear()
+    assert _segment(tmp_path, tiny_ckpt, "d", "--templates", "photo", "--no-progress") == 0
+    assert sum(encodes) == 3  # one template per query, its own cache context
+    assert len(list((tmp_path / "cache" / "text-v1").iterdir())) == 2
+
+
+def test_segment_without_cache_writes_nothing(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("NACLIP_CACHE_DIR", str(tmp_path / "cache"))
+    assert _segment(tmp_path, tiny_ckpt, "a", "--no-text-cache", "--no-progress") == 0
+    assert not (tmp_path / "cache").exists()
