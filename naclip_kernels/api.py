@@ -1,4 +1,9 @@
-"""Public entry point :func:`gaussian_attention` and backend selection."""
+"""Public entry point :func:`gaussian_attention`: validation at the boundary, layout fix-up, backend dispatch.
+
+The torch backend runs directly for Python-float parameters without autograd (the fast path), and through
+the registered op ``naclip_kernels::torch_fwd`` (:mod:`naclip_kernels._library`) when a gradient is needed or
+under ``torch.compile`` / ``torch.export``. The Triton backend is loaded lazily (``naclip_kernels.triton``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._checks import AttentionSpec, check_inputs
+from ._checks import AttentionSpec, check_inputs, has_internal_overlap
 from .reference import reference_attention
 from .torch_backend import torch_attention
 
@@ -61,13 +66,27 @@ def get_default_backend() -> str:
     return _check_backend_name(env, f"environment variable {ENV_VAR}")
 
 
+#: Module of the Triton backend (imported lazily: triton is optional).
+_TRITON_MODULE = "naclip_kernels.triton"
+
+
 def _load_triton() -> tuple[Any, str | None]:
     """Import the Triton plug-in lazily; return (module, None) or (None, reason)."""
+    if torch.compiler.is_compiling():  # dynamo does not trace importlib; an import statement it does
+        from . import triton as mod
+
+        return mod, None
     try:
-        mod = importlib.import_module("naclip_kernels.triton_backend")
+        return importlib.import_module(_TRITON_MODULE), None
     except Exception as e:  # ImportError, or a triton runtime error raised at import time
         return None, f"triton not installed/importable: {type(e).__name__}: {e}"
-    return mod, None
+
+
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    ts = (q, k, v, spec.sigma, spec.bias_scale)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def _triton_reasons(
@@ -79,10 +98,18 @@ def _triton_reasons(
     return mod, list(mod.unsupported_reasons(q, k, v, spec))
 
 
+def _no_overlap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Copy self-overlapping views (e.g. batch stride 1 with a unit-stride head dim): CPU SDPA reads them
+    wrongly (see docs/autograd.md, "Upstream"). O(ndim) check; ``q is k`` stays one tensor."""
+    fix = lambda t: t.contiguous() if has_internal_overlap(t) else t  # noqa: E731
+    k2, v2 = fix(k), fix(v)
+    return (k2 if q is k else fix(q)), k2, v2
+
+
 def available_backends() -> list[str]:
     """Concrete backends usable on this machine, in preference order.
 
-    ``"torch"`` and ``"reference"`` always; ``"triton"`` first when ``naclip_kernels.triton_backend`` imports
+    ``"torch"`` and ``"reference"`` always; ``"triton"`` first when ``naclip_kernels.triton`` imports
     and either CUDA is available or ``TRITON_INTERPRET=1`` (the CPU interpreter) is set.
     """
     out = ["torch", "reference"]
@@ -97,11 +124,11 @@ def gaussian_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     grid_hw: tuple[int, int] | None,
-    sigma: float | None,
+    sigma: float | torch.Tensor | None,
     *,
     scale: float | None = None,
     num_prefix_tokens: int = 1,
-    bias_scale: float = 1.0,
+    bias_scale: float | torch.Tensor = 1.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention with NACLIP's Gaussian neighbourhood bias, per batch item and head::
@@ -119,17 +146,28 @@ def gaussian_attention(
     supported).
 
     Args:
-        q, k, v: ``[B, H, N, D]`` tensors (any strides, e.g. ``x.view(B, N, H, D).transpose(1, 2)``), dtype
-            float16, bfloat16 or float32 (all the same), same device. Scores are accumulated in float32.
+        q, k, v: ``[B, H, N, D]`` tensors (any strides, e.g. ``x.view(B, N, H, D).transpose(1, 2)``; a
+            self-overlapping view is copied first), dtype float16, bfloat16, float32 or float64 (``torch``
+            and ``reference`` only), all the same, same device. Scores are accumulated in float32 (float64).
         grid_hw: ``(gh, gw)`` with ``P + gh * gw == N``; may be ``None`` only when ``sigma is None``.
-        sigma: Gaussian std in grid cells (> 0), or ``None`` for plain attention (no bias).
-        scale: score multiplier; ``None`` means ``D ** -0.5``; an explicit ``0.0`` is honoured.
+        sigma: Gaussian std in grid cells (> 0): a Python float, a floating tensor of shape ``[]`` or
+            ``[H]`` (one per head; learnable when it requires grad), or ``None`` for plain attention. Any
+            positive float is exact: tiny sigma gives the identity-neighbourhood limit (``G`` = 1 on the
+            diagonal, 0 elsewhere), huge sigma ``G = 1``.
+        scale: score multiplier; ``None`` means ``D ** -0.5``; an explicit ``0.0`` is honoured;
+            ``|scale| <= 2^64``.
         num_prefix_tokens: ``P``, the number of tokens before the patch grid (default 1 = CLS).
-        bias_scale: multiplier of ``G``. NACLIP's ``nonly`` strategy, ``softmax(s * G) V``, is
-            ``scale=0.0, bias_scale=s``.
+        bias_scale: multiplier of ``G``: a Python float with ``|bias_scale| <= 2^64`` or a tensor ``[]`` /
+            ``[H]``. NACLIP's ``nonly`` strategy, ``softmax(s * G) V``, is ``scale=0.0, bias_scale=s``.
         backend: ``"auto"`` (Triton for CUDA tensors when it supports the inputs, else ``"torch"``),
             ``"triton"``, ``"torch"``, ``"reference"``, or ``None`` for the default
             (:func:`set_default_backend`, env var ``NACLIP_ATTN_BACKEND``, else ``"auto"``).
+
+    Autograd: differentiable w.r.t. q, k, v (``q is k``: the grads of both uses add up) and tensor-valued
+    sigma / bias_scale on every backend. The torch backend saves q, k, v, the output and one log-sum-exp per
+    row (never an ``N x N`` matrix) and recomputes per chunk; reductions are deterministic. It is a
+    registered op (``naclip_kernels::torch_fwd``), so ``torch.compile(fullgraph=True)`` and
+    ``torch.export`` work.
 
     Returns:
         ``[B, H, N, D]`` contiguous tensor in the input dtype. NaN inputs propagate to NaN outputs.
@@ -143,6 +181,7 @@ def gaussian_attention(
         q, k, v, grid_hw, sigma, scale=scale, num_prefix_tokens=num_prefix_tokens, bias_scale=bias_scale
     )
     name = get_default_backend() if backend is None else _check_backend_name(backend, "backend")
+    q, k, v = _no_overlap(q, k, v)
 
     if name == "auto":
         name = "torch"
@@ -160,6 +199,10 @@ def gaussian_attention(
             )
         return _finish(mod.triton_attention(q, k, v, spec), spec)
     if name == "torch":
+        if torch.compiler.is_compiling() or _needs_grad(q, k, v, spec):
+            from ._library import torch_attention_op
+
+            return torch_attention_op(q, k, v, spec)
         return _finish(torch_attention(q, k, v, spec), spec)
     # "reference"
     return reference_attention(

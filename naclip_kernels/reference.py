@@ -6,11 +6,10 @@ memory-efficient backends and are meant for small N (tests, fixtures, debugging)
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._checks import check_grid, check_inputs, check_prefix, check_sigma
+from ._bias import gaussian, gaussian_coef
+from ._checks import AttentionSpec, check_grid, check_inputs, check_prefix, check_sigma
 
 __all__ = ["gaussian_bias", "reference_attention", "reference_attention_probs", "gaussian_factors"]
 
@@ -20,19 +19,27 @@ def gaussian_factors(
 ) -> torch.Tensor:
     """1-D Gaussian factor table ``g[a, b] = exp(-(a - b)^2 / (2 sigma^2))`` for ``a, b in [0, n)``.
 
-    Computed in float64 and rounded once to ``dtype``. ``G`` on a grid is the separable product
-    ``G[(r1, c1), (r2, c2)] = gy[r1, r2] * gx[c1, c2]`` of two such tables.
+    Computed in float64 with :func:`naclip_kernels._bias.gaussian` (exact for every sigma > 0: tiny sigma
+    gives the limit ``g = [a == b]`` instead of NaN / ZeroDivisionError) and rounded once to ``dtype``. ``G``
+    on a grid is the separable product ``G[(r1, c1), (r2, c2)] = gy[r1, r2] * gx[c1, c2]`` of two tables.
     """
     idx = torch.arange(n, dtype=torch.float64, device=device)
     d = idx[:, None] - idx[None, :]
-    return torch.exp(d * d * (-0.5 / (sigma * sigma))).to(dtype)
+    return gaussian(d * d, gaussian_coef(float(sigma))).to(dtype)
+
+
+def _factors_t(n: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``[h, n, n]`` factor tables for a 1-D sigma tensor ``[h]`` (same formula)."""
+    idx = torch.arange(n, dtype=sigma.dtype, device=sigma.device)
+    d = idx[:, None] - idx[None, :]
+    return gaussian((d * d)[None], gaussian_coef(sigma)[:, None, None])
 
 
 def gaussian_bias(
-    grid_hw: Any,
-    sigma: Any,
+    grid_hw: tuple[int, int],
+    sigma: float,
     *,
-    num_prefix_tokens: Any = 1,
+    num_prefix_tokens: int = 1,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -66,25 +73,48 @@ def gaussian_bias(
     return out.to(dtype)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, spec) -> torch.Tensor:
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale
-    if spec.sigma is not None:
-        g = gaussian_bias(spec.grid_hw, spec.sigma, num_prefix_tokens=spec.num_prefix_tokens, device=q.device)
-        s = s + spec.bias_scale * g
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_bias(spec: AttentionSpec, work: torch.dtype) -> torch.Tensor:
+    """``bias_scale * G`` as ``[h, N, N]`` in ``work`` (h = 1, or H for per-head tensors); differentiable in
+    tensor-valued ``sigma`` / ``bias_scale``."""
+    gh, gw = spec.grid_hw  # type: ignore[misc]
+    P, dev = spec.num_prefix_tokens, spec.device
+    if isinstance(spec.sigma, torch.Tensor):
+        sig = spec.sigma.to(work).reshape(-1)
+        gy, gx = _factors_t(gh, sig), _factors_t(gw, sig)
+        patch = (gy[:, :, None, :, None] * gx[:, None, :, None, :]).reshape(-1, gh * gw, gh * gw)
+        g = torch.nn.functional.pad(patch, (P, 0, P, 0))
+    else:
+        g = gaussian_bias(spec.grid_hw, spec.sigma, num_prefix_tokens=P, dtype=work, device=dev)[None]
+    bs = spec.bias_scale
+    if isinstance(bs, torch.Tensor):
+        return g * bs.to(work).reshape(-1, 1, 1)
+    return g * bs
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    work = _work_dtype(q.dtype)
+    s = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * spec.scale
+    if spec.has_bias:
+        s = s + _dense_bias(spec, work)
     return s
 
 
 def reference_attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
-    grid_hw: Any,
-    sigma: Any,
+    grid_hw: tuple[int, int] | None,
+    sigma: float | torch.Tensor | None,
     *,
-    scale: Any = None,
-    num_prefix_tokens: Any = 1,
-    bias_scale: Any = 1.0,
+    scale: float | None = None,
+    num_prefix_tokens: int = 1,
+    bias_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """Softmax matrix ``A = softmax(scale * Q K^T + bias_scale * G)`` as float32 ``[B, H, N, N]``.
+    """Softmax matrix ``A = softmax(scale * Q K^T + bias_scale * G)`` as float32 ``[B, H, N, N]`` (float64 for
+    float64 inputs).
 
     Rows are queries. Same arguments and validation as :func:`reference_attention` (minus ``v``).
     Materialises ``B*H*N*N`` floats: for small N (fixtures, debugging) only.
@@ -99,22 +129,24 @@ def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    grid_hw: Any,
-    sigma: Any,
+    grid_hw: tuple[int, int] | None,
+    sigma: float | torch.Tensor | None,
     *,
-    scale: Any = None,
-    num_prefix_tokens: Any = 1,
-    bias_scale: Any = 1.0,
+    scale: float | None = None,
+    num_prefix_tokens: int = 1,
+    bias_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Dense oracle of :func:`naclip_kernels.gaussian_attention`: ``softmax(scale*Q K^T + bias_scale*G) V``.
 
-    q, k, v: ``[B, H, N, D]`` (any strides), float16/bfloat16/float32, same dtype and device. All arithmetic
-    in float32 with the bias materialised by :func:`gaussian_bias`; the result is cast to the input dtype,
-    shape ``[B, H, N, D]``, contiguous. ``scale=None`` means ``D ** -0.5``; ``sigma=None`` means no bias.
-    Prefix tokens (the first ``num_prefix_tokens``) get zero bias as queries and as keys.
+    q, k, v: ``[B, H, N, D]`` (any strides), float16/bfloat16/float32/float64, same dtype and device. All
+    arithmetic in float32 (float64 for float64 inputs) with the bias materialised densely; the result is cast
+    to the input dtype, shape ``[B, H, N, D]``, contiguous. ``scale=None`` means ``D ** -0.5``; ``sigma=None``
+    means no bias. Prefix tokens (the first ``num_prefix_tokens``) get zero bias as queries and as keys.
+    ``sigma`` / ``bias_scale`` may be tensors ``[]`` or ``[H]`` (per head). Plain torch ops throughout, so the
+    result is differentiable w.r.t. q, k, v and tensor-valued sigma / bias_scale (the autograd oracle).
     """
     spec = check_inputs(
         q, k, v, grid_hw, sigma, scale=scale, num_prefix_tokens=num_prefix_tokens, bias_scale=bias_scale
     )
     p = torch.softmax(_scores(q, k, spec), dim=-1)
-    return torch.matmul(p, v.float()).to(spec.dtype).contiguous()
+    return torch.matmul(p, v.to(p.dtype)).to(spec.dtype).contiguous()

@@ -29,9 +29,9 @@ def triton_skip_reason() -> str | None:
     """None when the Triton backend can run here (CUDA, or ``TRITON_INTERPRET=1``), else why to skip."""
     try:
         import naclip_kernels
-        import naclip_kernels.triton_backend  # noqa: F401
+        import naclip_kernels.triton  # noqa: F401
     except Exception as exc:  # ImportError, or triton failing to initialise
-        return f"naclip_kernels.triton_backend not importable: {type(exc).__name__}: {exc}"
+        return f"naclip_kernels.triton not importable: {type(exc).__name__}: {exc}"
     if "triton" not in naclip_kernels.available_backends():
         return "triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)"
     return None

@@ -58,7 +58,7 @@ def test_kernels_package_does_not_import_naclip_or_open_clip():
 
     code = (
         "import sys, naclip_kernels\n"
-        "bad = [m for m in ('naclip', 'open_clip', 'PIL', 'triton', 'naclip_kernels.triton_backend') "
+        "bad = [m for m in ('naclip', 'open_clip', 'PIL', 'triton', 'naclip_kernels.triton') "
         "if m in sys.modules]\n"
         "print(','.join(bad))"
     )
@@ -159,7 +159,7 @@ def test_non_str_backend_is_type_error(name):
 
 
 def _install_fake_triton(monkeypatch, reasons):
-    mod = types.ModuleType("naclip_kernels.triton_backend")
+    mod = types.ModuleType("naclip_kernels.triton")
     calls = []
     mod.unsupported_reasons = lambda q, k, v, spec: list(reasons)
 
@@ -179,7 +179,7 @@ def _install_fake_triton(monkeypatch, reasons):
         return out.float().transpose(1, 2).contiguous().transpose(1, 2)
 
     mod.triton_attention = triton_attention
-    monkeypatch.setitem(sys.modules, "naclip_kernels.triton_backend", mod)
+    monkeypatch.setitem(sys.modules, "naclip_kernels.triton", mod)
     return calls
 
 
@@ -204,11 +204,11 @@ def test_triton_not_importable_is_a_reason(monkeypatch):
     real_import = importlib.import_module
 
     def fake_import(name, *a, **kw):
-        if name == "naclip_kernels.triton_backend":
+        if name == "naclip_kernels.triton":
             raise ImportError("No module named 'triton'")
         return real_import(name, *a, **kw)
 
-    monkeypatch.delitem(sys.modules, "naclip_kernels.triton_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "naclip_kernels.triton", raising=False)
     monkeypatch.setattr(api.importlib, "import_module", fake_import)
     q, k, v = _qkv()
     with pytest.raises(
@@ -264,10 +264,10 @@ def _bad_cases():
             (q.int(), k, v),
             {},
             TypeError,
-            r"q must have dtype float16, bfloat16 or float32; got torch.int32",
+            r"q must have dtype float16, bfloat16, float32 or float64; got torch.int32",
         )
     )
-    c.append(("k_float64", (q, k.double(), v), {}, TypeError, r"k must have dtype .*got torch.float64"))
+    c.append(("k_float64", (q, k.double(), v), {}, TypeError, r"same dtype; got q=torch.float32, k=torch.f"))
     c.append(
         ("mixed_dtypes", (q, k, v.half()), {}, TypeError, r"same dtype; got q=torch.float32.*v=torch.float16")
     )
@@ -325,8 +325,13 @@ def _bad_cases():
         ("sigma_inf", math.inf, ValueError, r"got inf"),
         ("sigma_str", "5", TypeError, r"sigma must be .*got '5' of type str"),
         ("sigma_bool", True, TypeError, r"got True of type bool"),
-        ("sigma_tensor", torch.tensor(5.0), TypeError, r"of type Tensor"),
         ("sigma_complex", 1j, TypeError, r"of type complex"),
+        ("sigma_tensor_int", torch.tensor(5), TypeError, r"sigma must be a floating tensor .*torch.int64"),
+        ("sigma_tensor_shape", torch.ones(3), ValueError, r"sigma must be a tensor of shape \[\] or \[H=2\]"),
+        ("sigma_tensor_2d", torch.ones(1, 2), ValueError, r"got shape \(1, 2\)"),
+        ("sigma_tensor_meta", torch.ones(2, device="meta"), ValueError, r"sigma must be on q's device cpu"),
+        ("sigma_tensor_zero", torch.tensor([1.0, 0.0]), ValueError, r"finite values > 0.*\[1.0, 0.0\]"),
+        ("sigma_tensor_nan", torch.tensor(math.nan), ValueError, r"sigma must hold finite values > 0"),
     ]:
         c.append((name, (q, k, v), {"sigma": s}, exc, pat))
     c.append(
@@ -335,7 +340,7 @@ def _bad_cases():
             (q, k, v),
             {"scale": math.nan},
             ValueError,
-            r"scale must be None or a finite number; got nan",
+            r"scale must be None or a finite number with \|scale\| <= 2\^64 \(~1.8e19\); got nan",
         )
     )
     c.append(("scale_str", (q, k, v), {"scale": "0.1"}, TypeError, r"scale must be"))
@@ -345,7 +350,27 @@ def _bad_cases():
             (q, k, v),
             {"bias_scale": -math.inf},
             ValueError,
-            r"bias_scale must be a finite number; got -inf",
+            r"bias_scale must be a finite number with \|bias_scale\| <= 2\^64.*got -inf",
+        )
+    )
+    c.append(("scale_1e38", (q, k, v), {"scale": 1e38}, ValueError, r"\|scale\| <= 2\^64 .*got 1e\+38"))
+    c.append(("bias_scale_1e300", (q, k, v), {"bias_scale": 1e300}, ValueError, r"got 1e\+300"))
+    c.append(
+        (
+            "bias_scale_tensor_big",
+            (q, k, v),
+            {"bias_scale": torch.tensor(1e30)},
+            ValueError,
+            r"bias_scale must hold finite values with \|bias_scale\| <= 2\^64",
+        )
+    )
+    c.append(
+        (
+            "bias_scale_tensor_shape",
+            (q, k, v),
+            {"bias_scale": torch.ones(2, 1)},
+            ValueError,
+            r"bias_scale must be a tensor of shape \[\] or \[H=2\]; got shape \(2, 1\)",
         )
     )
     c.append(

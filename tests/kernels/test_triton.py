@@ -1,4 +1,4 @@
-"""The fused Triton kernel (naclip_kernels.triton_backend) against the dense fp32 reference.
+"""The fused Triton forward kernel (naclip_kernels.triton) against the dense fp32 reference.
 
 On a CPU machine these run the real Triton kernel in the interpreter (``TRITON_INTERPRET=1``, set by
 tests/conftest.py) with the fixed ``INTERPRETER_CONFIG`` (32x32 tiles, so the shapes below span several query
@@ -21,9 +21,10 @@ import os
 import pytest
 import torch
 
-from naclip_kernels import reference_attention
-from naclip_kernels import triton_backend as tb
+from naclip_kernels import _bias, reference_attention
 from naclip_kernels._checks import check_inputs
+from naclip_kernels.triton import configs, launch
+from naclip_kernels.triton import triton_attention as _triton_attention
 
 pytestmark = pytest.mark.triton
 
@@ -68,8 +69,8 @@ def _make(B, H, N, D, dtype, *, layout="bhnd", q_is_k=True, seed=0, kscale=1.0):
 
 def _run(q, k, v, grid_hw, sigma, **kw):
     spec = check_inputs(q, k, v, grid_hw, sigma, **kw)
-    assert tb.unsupported_reasons(q, k, v, spec) == []
-    return tb.triton_attention(q, k, v, spec)
+    assert launch.unsupported_reasons(q, k, v, spec) == []
+    return _triton_attention(q, k, v, spec)
 
 
 def _ref(q, k, v, grid_hw, sigma, **kw):
@@ -142,14 +143,14 @@ def test_prefix_and_sigma(P, sigma):
 def _far_tiles(N, P, grid, sigma, dtype, bias_scale=1.0):
     """Number of (query tile, key tile) pairs that the band split treats as far (no bias); None if unknown."""
     if INTERPRET:
-        cfg = tb.INTERPRETER_CONFIG
+        cfg = configs.INTERPRETER_CONFIG
     elif os.environ.get("NACLIP_TRITON_AUTOTUNE", "1") == "0":
-        cfg = tb.heuristic_config(dtype, 32, N)
+        cfg = configs.heuristic_config(dtype, 32, N)
     else:
         return None  # autotuned: the block sizes are not known in advance
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     gh, gw = grid
-    R = tb.band_rows(sigma, bias_scale, gh)
+    R = _bias.band_rows(sigma, bias_scale, gh)
     n_full = N // bn * bn
     far = 0
     for m0 in range(0, N, bm):
@@ -170,7 +171,7 @@ def test_band_skip_is_exact(dtype):
     """A tall grid with sigma 0.5: most key tiles are far (no bias) and the result is still exact."""
     grid, P, sigma = ((40, 3), 1, 0.5) if INTERPRET else ((80, 3), 1, 0.5)
     N = P + grid[0] * grid[1]
-    assert tb.band_rows(sigma, 1.0, grid[0]) == 3  # 0.5 * sqrt(2 ln 2^24) = 2.88 -> 2, + 1
+    assert _bias.band_rows(sigma, 1.0, grid[0]) == 3  # 0.5 * sqrt(2 ln 2^24) = 2.88 -> 2, + 1
     far = _far_tiles(N, P, grid, sigma, dtype)
     assert far is None or far > 0  # the skip is really exercised
     q, k, v = _make(1, 1, N, 32, dtype, seed=4)
@@ -181,27 +182,11 @@ def test_band_skip_is_exact(dtype):
         assert (out - ref).abs().max().item() < 5e-6 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize(
-    ("sigma", "bias_scale"),
-    [(0.5, 1.0), (5.0, 1.0), (50.0, 1.0), (5.0, 1e3), (0.7, -40.0), (3.0, 1e-9)],
-)
-def test_band_rows_bound(sigma, bias_scale):
-    """Rows more than R apart contribute |bias_scale| * G < 2^-24, and R is never looser than needed + 1."""
-    gh = 10_000
-    R = tb.band_rows(sigma, bias_scale, gh)
-    if abs(bias_scale) < tb.BIAS_EPS:
-        assert R == -1
-        return
-    assert abs(bias_scale) * math.exp(-((R + 1) ** 2) / (2 * sigma * sigma)) < tb.BIAS_EPS
-    assert abs(bias_scale) * math.exp(-((R - 1) ** 2) / (2 * sigma * sigma)) >= tb.BIAS_EPS
-    assert tb.band_rows(sigma, bias_scale, 5) <= 4
-
-
 def test_bias_table_layout():
     """T[a_i - b_j] equals bias_scale * log2(e) * G for patches, 0 for prefix rows/cols, -inf past N."""
     gh, gw, sigma, bs = 4, 3, 1.3, 2.0
-    T = tb.bias_table(gh, gw, sigma, bs, "cpu")
-    assert T.numel() == tb._table_numel(gh, gw)
+    T = launch.bias_tables((gh, gw), sigma, bs, torch.device("cpu")).scaled[0]
+    assert T.numel() == launch.table_numel(gh, gw)
     W2 = 2 * gw - 1
 
     def a(r, c):
@@ -268,108 +253,73 @@ def test_fp16_large_norm_keys_stay_finite():
     _assert_close(out, _ref(q, k, v, grid, 5.0, num_prefix_tokens=P), torch.float16)
 
 
+def _spy_launches(monkeypatch):
+    """Record ``(kernel name, grid, kwargs)`` of every kernel launch made through ``launch.wrap_triton``."""
+    launches = []
+    real = launch.wrap_triton
+
+    def spy(kernel):
+        wrapped = real(kernel)
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    launches.append((name, grid, kw))
+                    return wrapped[grid](*args, **kw)
+
+                return run
+
+        return Grid()
+
+    monkeypatch.setattr(launch, "wrap_triton", spy)
+    return launches
+
+
 def test_many_rows_in_one_launch(monkeypatch):
     """All batch*head rows (e.g. every sliding-window crop) go into ONE kernel launch on a 1-D grid."""
     if not INTERPRET:
         pytest.skip("launch counting wraps the fixed-config kernel used by the interpreter")
-    launches = []
-    real = tb._attn_fwd_kernel
-
-    class Spy:
-        arg_names = real.arg_names
-
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tb, "_attn_fwd_kernel", Spy())
+    launches = _spy_launches(monkeypatch)
     grid, P, B, H = (2, 3), 1, 20, 3
     q, k, v = _make(B, H, P + 6, 16, torch.float32, layout="bnhd", seed=9)
     out = _run(q, k, v, grid, 1.0, num_prefix_tokens=P)
-    assert len(launches) == 1 and launches[0] == (B * H,)  # one query block per row
+    assert [(n, g) for n, g, _ in launches] == [("attn_fwd_kernel", (B * H,))]  # one query block per row
     _assert_close(out, _ref(q, k, v, grid, 1.0, num_prefix_tokens=P), torch.float32)
 
 
-# ----------------------------------------------------------------------------------- reasons, AOT hooks
+# ----------------------------------------------------------------------------------- reasons, configs
 def _spec_for(q, k, v, **kw):
     return check_inputs(q, k, v, kw.pop("grid", None), kw.pop("sigma", None), **kw)
 
 
 def test_unsupported_reasons_head_dim_and_device():
     q = torch.zeros(1, 1, 4, 512, device=DEVICE)
-    reasons = tb.unsupported_reasons(q, q, q, _spec_for(q, q, q))
+    reasons = launch.unsupported_reasons(q, q, q, _spec_for(q, q, q))
     assert any("head dim" in r and "512" in r for r in reasons)
     m = torch.zeros(1, 1, 4, 16, device="meta")
-    reasons = tb.unsupported_reasons(m, m, m, _spec_for(m, m, m))
+    reasons = launch.unsupported_reasons(m, m, m, _spec_for(m, m, m))
     assert any("device" in r and "meta" in r for r in reasons)
     with pytest.raises(ValueError, match="head dim"):
-        tb.triton_attention(q, q, q, _spec_for(q, q, q))
+        _triton_attention(q, q, q, _spec_for(q, q, q))
 
 
 @needs_interpreter
 def test_unsupported_reasons_bf16_in_interpreter():
     q = torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16)
-    reasons = tb.unsupported_reasons(q, q, q, _spec_for(q, q, q))
+    reasons = launch.unsupported_reasons(q, q, q, _spec_for(q, q, q))
     assert any("bfloat16" in r for r in reasons)
 
 
 def test_supported_head_dims_have_no_reasons():
     for D in (16, 32, 48, 64, 80, 96, 128):
         q = torch.zeros(1, 1, 5, D, device=DEVICE)
-        assert tb.unsupported_reasons(q, q, q, _spec_for(q, q, q, grid=(2, 2), sigma=1.0)) == []
-
-
-@pytest.mark.parametrize(
-    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
-)
-@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_aot_signature_covers_every_argument(dtype, has_bias):
-    cfg = tb.CONFIGS[0]
-    sig, cx = tb.aot_signature(dtype, 48, has_bias, True, cfg)
-    assert list(sig) == list(tb._attn_fwd_kernel.arg_names)
-    assert all(sig[n] == "constexpr" for n in cx)
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    assert sig["K"] == ptr and sig["O"] == ptr and sig["T"] == "*fp32" and sig["qk_scale"] == "fp32"
-    assert cx["BLOCK_D"] == 64 and cx["HEAD_DIM"] == 48 and cx["HAS_BIAS"] is has_bias
-    assert cx["BLOCK_M"] == cfg["BLOCK_M"] and cx["IEEE"] is (dtype == torch.float32)
-    import triton
-
-    # The report compiles what the installed triton launches; an explicit choice overrides it.
-    assert cx["GATHER_BRANCH"] is tb._use_gather_branch(dtype, triton.__version__)
-    for forced in (True, False):
-        assert (
-            tb.aot_signature(dtype, 48, has_bias, True, cfg, gather_branch=forced)[1]["GATHER_BRANCH"]
-            is forced
-        )
-    attrs = tb.aot_attrs(sig)
-    names = tb._attn_fwd_kernel.arg_names
-    assert (names.index("K"),) in attrs and (names.index("stride_kn"),) in attrs
-    assert (names.index("N"),) not in attrs
-    assert tb.aot_attrs(sig, cx) == attrs  # sig alone: head dim 64's example strides (same hints at D=48)
-    with pytest.raises(ValueError, match="head_dim"):
-        tb.aot_signature(dtype, 256, has_bias, True, cfg)
-
-
-@pytest.mark.parametrize(("D", "aligned"), [(64, True), (40, False), (33, False)], ids=["d64", "d40", "d33"])
-def test_aot_attrs_apply_the_jit_rule_to_the_example_launch(D, aligned):
-    """Hints follow the JIT's rule (value % 16 == 0) at the example launch, not the argument names."""
-    sig, cx = tb.aot_signature(torch.float16, D, True, True, tb.CONFIGS[0])
-    attrs = tb.aot_attrs(sig, cx)
-    names = tb._attn_fwd_kernel.arg_names
-    values = tb.aot_example_args(D)
-    assert values["N"] == 785 and values["stride_kn"] == 36 * D and values["stride_kh"] == D
-    for name in ("Q", "K", "V", "O", "T"):
-        assert (names.index(name),) in attrs
-    for name in ("stride_kh", "stride_vh", "stride_on"):
-        assert ((names.index(name),) in attrs) is aligned, name
-    for name in ("N", "H", "GH", "GW", "BAND_R", "P"):
-        assert (names.index(name),) not in attrs, name
-    assert all(sig[names[i]] != "constexpr" for (i,) in attrs)
+        assert launch.unsupported_reasons(q, q, q, _spec_for(q, q, q, grid=(2, 2), sigma=1.0)) == []
 
 
 def test_configs_are_well_formed():
-    assert tb.CONFIGS and len(tb.CONFIGS) <= 12
-    for c in tb.CONFIGS:
+    assert configs.CONFIGS and len(configs.CONFIGS) <= 12
+    for c in configs.CONFIGS:
         assert set(c) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
         assert c["BLOCK_M"] in (64, 128) and c["BLOCK_N"] in (32, 64, 128)
         assert c["num_warps"] in (4, 8) and c["num_stages"] in (2, 3)
@@ -378,7 +328,7 @@ def test_configs_are_well_formed():
 @pytest.mark.parametrize(
     ("dtype", "D", "n_bucket", "check"),
     [
-        (torch.float16, 64, 8192, lambda kept: len(kept) == len(tb.CONFIGS)),
+        (torch.float16, 64, 8192, lambda kept: len(kept) == len(configs.CONFIGS)),
         (torch.float32, 64, 8192, lambda kept: all(c.kwargs["BLOCK_M"] == 64 for c in kept)),
         (torch.float16, 64, 128, lambda kept: all(c.kwargs["BLOCK_M"] == 64 for c in kept)),
         (
@@ -401,13 +351,13 @@ def test_autotune_pruning(dtype, D, n_bucket, check):
     here (the bias only removes configs: test_bias_prunes_configs_that_spill)."""
     import triton
 
-    configs = [
+    tconfigs = [
         triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                       num_stages=c["num_stages"])
-        for c in tb.CONFIGS
+        for c in configs.CONFIGS
     ]  # fmt: skip
     k = torch.empty(1, dtype=dtype)
-    kept = tb._prune_configs(configs, {"K": k, "N_BUCKET": n_bucket}, HEAD_DIM=D, HAS_BIAS=False)
+    kept = configs._pruner("fwd")(tconfigs, {"K": k, "N_BUCKET": n_bucket}, HEAD_DIM=D, HAS_BIAS=False)
     assert kept and check(kept)
 
 
@@ -423,23 +373,25 @@ def test_bias_prunes_configs_that_spill(dtype, D):
     ones (so every bias variant has a bias-free partner for the EX2 comparison)."""
     import triton
 
-    on = [tb.config_allowed(c, dtype=dtype, head_dim=D, has_bias=True, n=4096) for c in tb.CONFIGS]
-    off = [tb.config_allowed(c, dtype=dtype, head_dim=D, has_bias=False, n=4096) for c in tb.CONFIGS]
+    on = [configs.config_allowed(c, dtype=dtype, head_dim=D, has_bias=True, n=4096) for c in configs.CONFIGS]
+    off = [
+        configs.config_allowed(c, dtype=dtype, head_dim=D, has_bias=False, n=4096) for c in configs.CONFIGS
+    ]
     assert any(on) and all(o for o, b in zip(off, on, strict=True) if b)
-    for c, ok in zip(tb.CONFIGS, on, strict=True):
-        if _scores_per_thread(c) > tb.BIAS_MAX_SCORES_PER_THREAD:
+    for c, ok in zip(configs.CONFIGS, on, strict=True):
+        if _scores_per_thread(c) > configs.BIAS_MAX_SCORES_PER_THREAD:
             assert not ok, c
     if D == 64:  # every bias-free config launches at D=64; the 64-scores-per-thread ones not with the bias
-        assert all(off) and on == [_scores_per_thread(c) <= 32 for c in tb.CONFIGS]
-    configs = [
+        assert all(off) and on == [_scores_per_thread(c) <= 32 for c in configs.CONFIGS]
+    tconfigs = [
         triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                       num_stages=c["num_stages"])
-        for c in tb.CONFIGS
+        for c in configs.CONFIGS
     ]  # fmt: skip
     k = torch.empty(1, dtype=dtype)
     for has_bias, want in ((True, on), (False, off)):
-        kept = tb._prune_configs(configs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=D, HAS_BIAS=has_bias)
-        assert [any(c is x for x in kept) for c in configs] == want
+        kept = configs._pruner("fwd")(tconfigs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=D, HAS_BIAS=has_bias)
+        assert [any(c is x for x in kept) for c in tconfigs] == want
 
 
 @pytest.mark.parametrize(
@@ -450,8 +402,8 @@ def test_bias_prunes_configs_that_spill(dtype, D):
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("gather_branch", [None, True, False], ids=["installed", "branch", "no-branch"])
 def test_heuristic_config_is_admitted(dtype, D, N, has_bias, gather_branch):
-    cfg = tb.heuristic_config(dtype, D, N, has_bias=has_bias, gather_branch=gather_branch)
-    assert tb.config_allowed(
+    cfg = configs.heuristic_config(dtype, D, N, has_bias=has_bias, gather_branch=gather_branch)
+    assert configs.config_allowed(
         cfg, dtype=dtype, head_dim=D, has_bias=has_bias, n=N, gather_branch=gather_branch
     ), cfg
 
@@ -477,7 +429,7 @@ def test_heuristic_config_is_admitted(dtype, D, N, has_bias, gather_branch):
     ids=str,
 )
 def test_parse_version(version, parsed):
-    assert tb._parse_version(version) == parsed
+    assert configs.parse_version(version) == parsed
 
 
 @pytest.mark.parametrize(
@@ -502,7 +454,7 @@ def test_parse_version(version, parsed):
     ids=lambda x: str(x).removeprefix("torch.") if not isinstance(x, bool) else str(x),
 )
 def test_use_gather_branch_version_gate(dtype, version, expected):
-    assert tb._use_gather_branch(dtype, version) is expected
+    assert configs.use_gather_branch(dtype, version) is expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -515,27 +467,27 @@ def test_config_allowed_counts_staging_without_branch(dtype):
 
     cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     kw = {"dtype": dtype, "head_dim": 128, "n": 4096}
-    assert tb.config_allowed(cfg, has_bias=True, gather_branch=True, **kw)
-    assert not tb.config_allowed(cfg, has_bias=True, gather_branch=False, **kw)
+    assert configs.config_allowed(cfg, has_bias=True, gather_branch=True, **kw)
+    assert not configs.config_allowed(cfg, has_bias=True, gather_branch=False, **kw)
     for branch in (True, False):
-        assert tb.config_allowed(cfg, has_bias=False, gather_branch=branch, **kw)
+        assert configs.config_allowed(cfg, has_bias=False, gather_branch=branch, **kw)
     # At D=64 every bias config fits either way (the staging only trades shared memory for the branch).
-    for c in tb.CONFIGS:
-        on = tb.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=True)
-        off = tb.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=False)
+    for c in configs.CONFIGS:
+        on = configs.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=True)
+        off = configs.config_allowed(c, dtype=dtype, head_dim=64, has_bias=True, n=4096, gather_branch=False)
         assert on == off, c
-    configs = [
+    tconfigs = [
         triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                       num_stages=c["num_stages"])
-        for c in tb.CONFIGS
+        for c in configs.CONFIGS
     ]  # fmt: skip
     k = torch.empty(1, dtype=dtype)
     for branch in (True, False):
-        kept = tb._prune_configs(
-            configs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=128, HAS_BIAS=True, GATHER_BRANCH=branch
+        kept = configs._pruner("fwd")(
+            tconfigs, {"K": k, "N_BUCKET": 4096}, HEAD_DIM=128, HAS_BIAS=True, GATHER_BRANCH=branch
         )
-        want = [tb.config_allowed(c, has_bias=True, gather_branch=branch, **kw) for c in tb.CONFIGS]
-        assert [any(c is x for x in kept) for c in configs] == want
+        want = [configs.config_allowed(c, has_bias=True, gather_branch=branch, **kw) for c in configs.CONFIGS]
+        assert [any(c is x for x in kept) for c in tconfigs] == want
         big = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) == (128, 64, 3)]
         assert bool(big) is branch
 
@@ -544,29 +496,15 @@ def test_config_allowed_counts_staging_without_branch(dtype):
 @pytest.mark.parametrize("version", ["3.6.0", "3.8.0"], ids=["t3.6", "t3.8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_gather_branch_reaches_the_kernel(monkeypatch, dtype, version):
-    """triton_attention launches with GATHER_BRANCH = _use_gather_branch(dtype, triton version), and both
+    """triton_attention launches with GATHER_BRANCH = use_gather_branch(dtype, triton version), and both
     kernel variants (branch / no branch) match the reference."""
-    monkeypatch.setattr(tb, "_TRITON_VERSION", version)
-    seen = []
-    real = tb._attn_fwd_kernel
-
-    class Spy:
-        arg_names = real.arg_names
-
-        def __getitem__(self, grid):
-            launch = real[grid]
-
-            def run(*args, **kw):
-                seen.append(kw["GATHER_BRANCH"])
-                return launch(*args, **kw)
-
-            return run
-
-    monkeypatch.setattr(tb, "_attn_fwd_kernel", Spy())
+    monkeypatch.setattr(configs, "TRITON_VERSION", version)
+    launches = _spy_launches(monkeypatch)
     grid, P = (7, 5), 1  # N = 36: a near tile plus a partial tail tile at 32x32
     q, k, v = _make(1, 2, P + 35, 32, dtype, seed=11)
     out = _run(q, k, v, grid, 2.0, num_prefix_tokens=P)
-    assert seen == [tb._use_gather_branch(dtype, version)]
+    seen = [kw["GATHER_BRANCH"] for _, _, kw in launches]
+    assert seen == [configs.use_gather_branch(dtype, version)]
     assert seen[0] is (dtype == torch.float16 and version == "3.8.0")
     _assert_close(out, _ref(q, k, v, grid, 2.0, num_prefix_tokens=P), dtype)
 
@@ -582,11 +520,11 @@ def test_gather_branch_reaches_the_kernel(monkeypatch, dtype, version):
     ids=["dtype", "head-dim", "n", "config"],
 )
 def test_config_allowed_rejects_bad_arguments(kwargs, exc, needle):
-    args = {"config": tb.CONFIGS[0], "dtype": torch.float16, "head_dim": 64, "has_bias": True, "n": 197}
+    args = {"config": configs.CONFIGS[0], "dtype": torch.float16, "head_dim": 64, "has_bias": True, "n": 197}
     args.update(kwargs)
     config = args.pop("config")
     with pytest.raises(exc, match=needle):
-        tb.config_allowed(config, **args)
+        configs.config_allowed(config, **args)
 
 
 # ----------------------------------------------------------------------------------- through the API
