@@ -66,8 +66,8 @@ def get_default_backend() -> str:
     return _check_backend_name(env, f"environment variable {ENV_VAR}")
 
 
-#: Module paths tried in order for the Triton backend (the forward-only ``triton_backend`` module is gone).
-_TRITON_MODULES = ("naclip_kernels.triton",)
+#: Module of the Triton backend (imported lazily: triton is optional).
+_TRITON_MODULE = "naclip_kernels.triton"
 
 
 def _load_triton() -> tuple[Any, str | None]:
@@ -76,15 +76,10 @@ def _load_triton() -> tuple[Any, str | None]:
         from . import triton as mod
 
         return mod, None
-    errors = []
-    for name in _TRITON_MODULES:
-        try:
-            return importlib.import_module(name), None
-        except Exception as e:  # ImportError, or a triton runtime error raised at import time
-            if isinstance(e, ModuleNotFoundError) and e.name == name:
-                continue  # that layout is not installed: try the next one
-            errors.append(f"{type(e).__name__}: {e}")
-    return None, "triton not installed/importable: " + ("; ".join(errors) or "no Triton backend module")
+    try:
+        return importlib.import_module(_TRITON_MODULE), None
+    except Exception as e:  # ImportError, or a triton runtime error raised at import time
+        return None, f"triton not installed/importable: {type(e).__name__}: {e}"
 
 
 def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> bool:
@@ -94,27 +89,13 @@ def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
-def _legacy_reasons(mod: Any, q, k, v, spec: AttentionSpec) -> list[str]:
-    """What the forward-only legacy module cannot do (nothing for ``naclip_kernels.triton``)."""
-    if mod.__name__ != "naclip_kernels.triton_backend":
-        return []
-    out = []
-    if spec.dtype == torch.float64:
-        out.append("float64 is not supported by the triton kernel (use backend='torch' or 'reference')")
-    if spec.has_tensor_params:
-        out.append("tensor-valued sigma / bias_scale need naclip_kernels.triton (not installed here)")
-    if _needs_grad(q, k, v, spec):
-        out.append("gradients need naclip_kernels.triton (the installed triton_backend is forward-only)")
-    return out
-
-
 def _triton_reasons(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
 ) -> tuple[Any, list]:
     mod, why = _load_triton()
     if mod is None:
         return None, [why]
-    return mod, _legacy_reasons(mod, q, k, v, spec) + list(mod.unsupported_reasons(q, k, v, spec))
+    return mod, list(mod.unsupported_reasons(q, k, v, spec))
 
 
 def _no_overlap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

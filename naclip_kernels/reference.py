@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._bias import gaussian, gaussian_coef
 from ._checks import AttentionSpec, check_grid, check_inputs, check_prefix, check_sigma
 
 __all__ = ["gaussian_bias", "reference_attention", "reference_attention_probs", "gaussian_factors"]
@@ -18,21 +19,20 @@ def gaussian_factors(
 ) -> torch.Tensor:
     """1-D Gaussian factor table ``g[a, b] = exp(-(a - b)^2 / (2 sigma^2))`` for ``a, b in [0, n)``.
 
-    Computed in float64 as ``exp(-((a - b) / sigma)^2 / 2)`` (dividing before squaring: no ``1 / sigma^2``
-    that overflows or divides by zero for tiny sigma, whose limit ``g = [a == b]`` comes out exactly) and
-    rounded once to ``dtype``. ``G`` on a grid is the separable product
-    ``G[(r1, c1), (r2, c2)] = gy[r1, r2] * gx[c1, c2]`` of two such tables.
+    Computed in float64 with :func:`naclip_kernels._bias.gaussian` (exact for every sigma > 0: tiny sigma
+    gives the limit ``g = [a == b]`` instead of NaN / ZeroDivisionError) and rounded once to ``dtype``. ``G``
+    on a grid is the separable product ``G[(r1, c1), (r2, c2)] = gy[r1, r2] * gx[c1, c2]`` of two tables.
     """
     idx = torch.arange(n, dtype=torch.float64, device=device)
-    t = (idx[:, None] - idx[None, :]) / sigma
-    return torch.exp(t * t * -0.5).to(dtype)
+    d = idx[:, None] - idx[None, :]
+    return gaussian(d * d, gaussian_coef(float(sigma))).to(dtype)
 
 
 def _factors_t(n: int, sigma: torch.Tensor) -> torch.Tensor:
     """Differentiable ``[h, n, n]`` factor tables for a 1-D sigma tensor ``[h]`` (same formula)."""
     idx = torch.arange(n, dtype=sigma.dtype, device=sigma.device)
-    t = (idx[:, None] - idx[None, :]) / sigma[:, None, None]
-    return torch.exp(t * t * -0.5)
+    d = idx[:, None] - idx[None, :]
+    return gaussian((d * d)[None], gaussian_coef(sigma)[:, None, None])
 
 
 def gaussian_bias(

@@ -420,7 +420,7 @@ def torch_attention(
         mask = None if builder is None or R == -1 else builder.fill(0, N)[None]
         o, lse = _sdpa(q_, k_, v_, mask, spec.scale, with_lse)
         o = o.contiguous()  # no-op for [B, H, N, D]-ordered inputs; one copy for [B, N, H, D] views
-        return (o, lse.to(lse_all.dtype)) if with_lse else o  # type: ignore[union-attr]
+        return (o, lse_all.copy_(lse)) if with_lse else o  # type: ignore[union-attr]
     out = torch.empty(spec.B, spec.H, N, spec.D, dtype=spec.dtype, device=spec.device)
     for s in range(0, N, C):
         e = min(N, s + C)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ._bias import band_rows, gaussian, gaussian_coef
 from ._checks import AttentionSpec
 from .torch_backend import (
     _band,
@@ -55,10 +56,10 @@ def _grid_terms(spec: AttentionSpec, s: int, e: int, a: int, b: int, dtype: torc
     return dy, dx, valid
 
 
-def _log_gaussian(dy: torch.Tensor, dx: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``log G = -((dy / sigma)^2 + (dx / sigma)^2) / 2`` (dividing first: finite for any sigma > 0)."""
-    u, w = dy / sigma, dx / sigma
-    return (u * u + w * w) * -0.5
+def _log_gaussian(d2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``log G = coef * d^2`` (:func:`naclip_kernels._bias.gaussian_coef`), exactly 0 where ``d^2 = 0`` (also
+    when tiny sigma makes ``coef = -inf``)."""
+    return torch.where(d2 == 0, torch.zeros_like(d2), d2 * gaussian_coef(sigma))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,8 +76,9 @@ def _explicit_rows(spec: AttentionSpec, budget_bytes: int | None) -> int:
 def _explicit_bias(spec: AttentionSpec, params, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``G`` and ``d^2`` for query rows ``[s, e)``: ``[h, e - s, N]`` and ``[e - s, N]`` in the work dtype."""
     dy, dx, valid = _grid_terms(spec, s, e, 0, spec.N, _work(spec))
-    g = torch.stack([torch.exp(_log_gaussian(dy, dx, sg)) for sg in params.sigmas])
-    return g.mul_(valid), (dy * dy + dx * dx).mul_(valid)
+    d2 = (dy * dy + dx * dx).mul_(valid)
+    g = torch.stack([gaussian(d2, gaussian_coef(sg)) for sg in params.sigmas])
+    return g.mul_(valid), d2
 
 
 def _scales(params, like: torch.Tensor) -> torch.Tensor:
@@ -204,50 +206,83 @@ def flash_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias, budg
     return dq, dk, dv, grads
 
 
-def _weight_mask(spec, params, s, e, a, b, *, with_d2: bool) -> torch.Tensor:
-    """``[1, h, e - s, b - a]`` mask ``bias_scale * G + log F`` with ``F = G`` or ``G * d^2`` (``-inf`` where
-    ``F = 0``: prefix keys, and the diagonal for ``G * d^2``)."""
-    dt = mask_dtype(spec)
-    dy, dx, valid = _grid_terms(spec, s, e, a, b, dt)
-    logd2 = torch.log(dy * dy + dx * dx) if with_d2 else None
-    heads = []
+def _weight_windows(spec, params, *, with_d2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bias_scale * G + log F`` (``F = G`` or ``G * d^2``; ``-inf`` where ``F = 0``) depends on the grid
+    offset only, so one ``[h, 2 gh - 1, 2 gw - 1]`` table ``T`` (reversed: ``T[a, b]`` holds the offset
+    ``(gh - 1 - a, gw - 1 - b)``) serves every query: the mask row of query ``(r, c)`` is the window
+    ``T[gh - 1 - r :, gw - 1 - c :][:gh, :gw]``. Returns the windows ``[h, gh, gw, gh, gw]`` (a strided view,
+    indexed by the reversed query position) and per head whether any entry is finite (else the head's rows
+    contribute 0)."""
+    gh, gw = spec.grid_hw  # type: ignore[misc]
+    dt, dev = mask_dtype(spec), spec.device
+    dy = torch.arange(gh - 1, -gh, -1, dtype=dt, device=dev)
+    dx = torch.arange(gw - 1, -gw, -1, dtype=dt, device=dev)
+    d2 = dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :]
+    logd2 = torch.log(d2) if with_d2 else 0.0
+    rows = []
     for sg, bsc in zip(params.sigmas, params.scales, strict=True):
-        lg = _log_gaussian(dy, dx, sg)
-        m = torch.exp(lg).mul_(bsc).add_(lg)
-        if logd2 is not None:
-            m.add_(logd2)
-        heads.append(m.masked_fill_(~valid, -math.inf))
-    return torch.stack(heads)[None]
+        lg = _log_gaussian(d2, sg)
+        rows.append(torch.exp(lg).mul_(bsc).add_(lg).add_(logd2))
+    table = torch.stack(rows)  # [h, 2gh - 1, 2gw - 1], contiguous
+    h, W = table.shape[0], 2 * gw - 1
+    windows = table.as_strided((h, gh, gw, gh, gw), (table.stride(0), W, 1, W, 1))
+    return windows, (table > -math.inf).flatten(1).any(-1)
+
+
+def _weight_mask(spec, windows: torch.Tensor, s: int, e: int, a: int, kr0: int, kr1: int) -> torch.Tensor:
+    """``[1, h, e - s, b - a]`` mask for patch query rows ``[s, e)`` (``s >= P``) and the key tokens of grid
+    rows ``kr0..kr1`` (from ``a``: the prefix keys too when ``a == 0``, as ``-inf``: ``F = 0``)."""
+    P, gw, dev = spec.num_prefix_tokens, spec.grid_hw[1], spec.device  # type: ignore[index]
+    gh = spec.grid_hw[0]  # type: ignore[index]
+    i = torch.arange(s - P, e - P, device=dev)
+    r_rev = (gh - 1) - torch.div(i, gw, rounding_mode="floor")
+    c_rev = (gw - 1) - i % gw
+    h, pc = windows.shape[0], (P if a == 0 else 0)
+    nk = (kr1 - kr0 + 1) * gw
+    m = windows.new_empty(h, e - s, pc + nk)
+    m[:, :, :pc] = -math.inf
+    m[:, :, pc:] = windows[:, r_rev, c_rev, kr0 : kr1 + 1].reshape(h, e - s, nk)
+    return m[None]
+
+
+def _grad_radius(spec: AttentionSpec, params) -> int:
+    """Band radius for the bias grads: beyond it ``G`` and ``(d^2 / sigma^2) G`` are below 2^-24 as well
+    (:func:`naclip_kernels._bias.band_rows` with ``for_grad``)."""
+    gh = spec.grid_hw[0]  # type: ignore[index]
+    return max(
+        band_rows(sg, bs, gh, for_grad=True) for sg, bs in zip(params.sigmas, params.scales, strict=True)
+    )
 
 
 def _flash_bias_grads(do_, q_, k_, v_, out, lse, spec, params, plan, need_sigma, need_bias) -> BiasGrads:
     """``sum_j dS_ij F_ij`` for ``F = G`` (d bias_scale) and ``F = G * d^2`` (d sigma) without ``dS``: with
     ``W = P * F``, ``sum_j dS_ij F_ij = sum_j W_ij (dO_i . v_j - dO_i . O_i)``, and one flash forward with the
     mask ``bias_scale * G + log F`` returns ``O'_i = sum_j W_ij v_j / Z_i`` and ``lse'_i = lse_i + log Z_i``
-    (``Z_i = sum_j W_ij``), so the sum is ``exp(lse'_i - lse_i) * dO_i . (O'_i - O_i)``. Keys beyond the band
-    carry ``|bias_scale * G| < 2^-24`` and are skipped as in the forward. Rows whose ``F`` is zero on every
-    key (flash then reports lse 0) contribute 0."""
+    (``Z_i = sum_j W_ij``), so the sum is ``exp(lse'_i - lse_i) * dO_i . (O'_i - O_i)``. Keys beyond the
+    band have ``G`` and ``(d^2 / sigma^2) G`` below 2^-24 (:func:`_grad_radius`) and are skipped. A head whose
+    ``F`` is zero everywhere (tiny sigma, a 1x1 grid; flash then reports lse 0) contributes 0."""
     P, N, B, C, bc = spec.num_prefix_tokens, spec.N, spec.B, plan.q_chunk, plan.batch_chunk
     work = _work(spec)
     kinds = [kind for kind, need in (("sigma", need_sigma), ("bias", need_bias)) if need]
     sums = {kind: torch.zeros(spec.H, dtype=work, device=spec.device) for kind in kinds}
-    R = band_split_radius(spec, params, "flash")
+    R = -2 if band_split_radius(spec, params, "flash") == -2 else _grad_radius(spec, params)
+    tables = {kind: _weight_windows(spec, params, with_d2=kind == "sigma") for kind in kinds}
     for s in range(0, N, C):
         e = min(N, s + C)
         ps = max(s, P)  # prefix query rows have F = 0
-        if ps >= e or R == -1:
+        if ps >= e:
             continue
         band = _band(spec, s, e, R)
-        a, b = (0, N) if band is None else band[:2]
+        a, b, kr0, kr1 = (0, N, 0, spec.grid_hw[0] - 1) if band is None else band
         for kind in kinds:
-            m = _weight_mask(spec, params, ps, e, a, b, with_d2=kind == "sigma")
-            row_ok = (m > -math.inf).any(-1)  # [1, h, rows]
+            windows, head_ok = tables[kind]
+            m = _weight_mask(spec, windows, ps, e, a, kr0, kr1)
             for b0 in range(0, B, bc):
                 bs_ = slice(b0, min(B, b0 + bc))
                 o1, l1 = _flash_cpu(
                     q_[bs_, :, ps:e], k_[bs_, :, a:b], v_[bs_, :, a:b], attn_mask=m, scale=spec.scale
                 )
-                w = torch.exp(l1.to(work) - lse[bs_, :, ps:e].to(work)).mul_(row_ok)
+                w = torch.exp(l1.to(work) - lse[bs_, :, ps:e].to(work)).mul_(head_ok[:, None])
                 dot = (do_[bs_, :, ps:e].to(work) * (o1.to(work) - out[bs_, :, ps:e].to(work))).sum(-1)
                 sums[kind] += (w * dot).sum((0, 2))
     return _finish_bias(params, sums.get("sigma"), sums.get("bias"), spec.H)

@@ -1,0 +1,132 @@
+"""Cases and methods of the autograd attention benchmark (shared by the pytest-benchmark suite and the memory
+script): key-key attention ``softmax(scale * K K^T + G) V`` as NACLIP trains it, 12 heads, D = 64, sigma = 5.
+
+Methods (``fwd``: one forward; ``fwdbwd``: forward + backward of ``(out * dO).sum()`` w.r.t. k and v, and
+sigma where it is learnable):
+
+* ``torch_fixed``    gaussian_attention(backend="torch"), sigma a Python float.
+* ``torch_sigma``    the same with a learnable sigma tensor ``[]`` (requires grad).
+* ``sdpa_dense``     F.scaled_dot_product_attention with the precomputed ``[N, N]`` mask (no grad).
+* ``sdpa_nobias``    F.scaled_dot_product_attention without bias: the floor.
+* ``dense_sigma``    the dense learnable route: ``G`` built from a sigma tensor with autograd, then SDPA.
+* ``flex_sigma``     torch.compile(flex_attention), Gaussian ``score_mod`` capturing a sigma tensor (CPU:
+  forward only; torch has no FlexAttention backward on CPU).
+* ``triton_fixed`` / ``triton_sigma``   gaussian_attention(backend="triton") (CUDA only).
+"""
+
+from __future__ import annotations
+
+HEADS, HEAD_DIM, SIGMA = 12, 64, 5.0
+#: (N, batch, grid): 197 x 162 = every sliding-window crop of a 2048 x 1024 image in one batch.
+CASES = {
+    "N197x162": (197, 162, (14, 14)),
+    "N1025": (1025, 1, (32, 32)),
+    "N4097": (4097, 1, (64, 64)),
+    "N16385": (16385, 1, (128, 128)),
+}
+METHODS = [
+    "torch_fixed",
+    "torch_sigma",
+    "sdpa_dense",
+    "sdpa_nobias",
+    "dense_sigma",
+    "flex_sigma",
+    "triton_fixed",
+    "triton_sigma",
+]
+
+
+def skip_reason(case: str, method: str, mode: str, device: str) -> str | None:
+    """Why a (case, method, mode) is not run here, or None. Skips are listed in the README table."""
+    if method.startswith("triton") and device != "cuda":
+        return "Triton needs a CUDA GPU (none lent to this run)"
+    if method == "flex_sigma" and mode == "fwdbwd" and device == "cpu":
+        return "FlexAttention has no backward on CPU"
+    N = CASES[case][0]
+    if N >= 16385 and mode == "fwdbwd" and method in ("dense_sigma", "flex_sigma", "sdpa_dense"):
+        return "N=16385 fwd+bwd: too slow / too large on a shared 2-core machine (dense N x N mask 1 GB)"
+    if N >= 16385 and method == "dense_sigma":
+        return "N=16385: the dense learnable mask and its grad need > 3 GB"
+    if method == "flex_sigma" and device == "cpu" and N >= 4097:
+        return "FlexAttention CPU compile of N >= 4097 takes minutes on this machine"
+    return None
+
+
+def make_inputs(case: str, device: str = "cpu", dtype: str = "float32"):
+    import torch
+
+    N, B, grid = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    k, v, do = (torch.randn(B, HEADS, N, HEAD_DIM, generator=gen).to(device, dt) for _ in range(3))
+    return k, v, do, grid
+
+
+def _flex(grid_w: int, scale: float):
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(k, v, sigma):
+        coef = -0.5 / (sigma * sigma)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            qi, ki = q_idx - 1, kv_idx - 1  # token 0 = CLS
+            dy = (qi // grid_w - ki // grid_w).to(torch.float32)
+            dx = (qi % grid_w - ki % grid_w).to(torch.float32)
+            g = torch.exp((dx * dx + dy * dy) * coef)
+            return score + torch.where((q_idx > 0) & (kv_idx > 0), g, torch.zeros_like(g))
+
+        return flex(k, k, v, score_mod=score_mod, scale=scale)
+
+    return run
+
+
+def build(method: str, mode: str, k, v, do, grid):
+    """A zero-argument callable running one iteration (fresh leaves each call, so no grad accumulates)."""
+    import torch
+    import torch.nn.functional as F
+
+    import naclip_kernels as nk
+    from naclip_kernels.reference import _factors_t
+
+    backward = mode == "fwdbwd"
+    sig_t = torch.tensor(SIGMA, device=k.device)
+    if method == "sdpa_dense":
+        G = nk.gaussian_bias(grid, SIGMA, dtype=torch.float32, device=k.device)
+    if method == "flex_sigma":
+        flex = _flex(grid[1], HEAD_DIM**-0.5)
+
+    def forward(kk, vv, sig):
+        if method.startswith(("torch", "triton")):
+            backend = method.split("_")[0]
+            s = sig if method.endswith("sigma") else SIGMA
+            return nk.gaussian_attention(kk, kk, vv, grid, s, backend=backend)
+        if method == "sdpa_dense":
+            return F.scaled_dot_product_attention(kk, kk, vv, attn_mask=G)
+        if method == "sdpa_nobias":
+            return F.scaled_dot_product_attention(kk, kk, vv)
+        if method == "dense_sigma":
+            gh, gw = grid
+            s1 = sig.reshape(1)
+            patch = (
+                _factors_t(gh, s1)[0][:, None, :, None] * _factors_t(gw, s1)[0][None, :, None, :]
+            ).reshape(gh * gw, gh * gw)
+            mask = F.pad(patch, (1, 0, 1, 0))
+            return F.scaled_dot_product_attention(kk, kk, vv, attn_mask=mask)
+        if method == "flex_sigma":
+            return flex(kk, vv, sig)
+        raise ValueError(f"unknown method {method!r}")
+
+    def step():
+        if not backward:
+            with torch.no_grad():
+                return forward(k, v, sig_t)
+        kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
+        sig = sig_t.detach().requires_grad_(method.endswith("sigma"))
+        leaves = [kk, vv] + ([sig] if sig.requires_grad else [])
+        out = forward(kk, vv, sig)
+        return torch.autograd.grad(out, leaves, do)
+
+    return step
