@@ -4,16 +4,21 @@
 --out DIR`` segments every image (directories are scanned non-recursively for image files) and writes,
 atomically and into ``--out`` only:
 
-* ``<stem>_mask.png``: palette PNG, pixel value = class index;
+* ``<stem>_mask.png``: palette PNG, pixel value = class index (255 = "unknown": below ``--prob-thd`` when no
+  user class is a background; presets keep their class 0 background);
 * ``<stem>_overlay.png``: the image blended with the class colours, with a legend (``--no-overlay`` to skip);
 * ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``).
 
-An output path that is also an input is refused up front. A file that cannot be read or segmented is reported
-and the others are still processed; the exit status is then 1. User errors (bad arguments, unknown preset,
-missing weights when offline, ...) print one ``error:`` line and exit with status 2, without a traceback (set
-``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from :mod:`naclip.eval.cli`.
+An output path that is also an input is refused up front. Every check that needs no model (readable image,
+size against the model's patch and the pixel limit, class count, a creatable ``--out``) runs before the model
+loads; ``--out`` is created only then and removed again if nothing was written. A file that cannot be read or
+segmented is reported and the others are still processed; the exit status is then 1. User errors (bad
+arguments, unknown preset, missing weights when offline, ...) print one ``error:`` line and exit with status
+2, without a traceback (set ``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from
+:mod:`naclip.eval.cli`.
 
-Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here):
+Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here): the option groups
+:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options),
 :func:`probability`, :func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`,
 :data:`MODES`, :data:`BACKENDS`, :data:`METHODS`.
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from naclip.inference import MODES as _MODES
 from naclip.segmenter import DTYPES as _SEG_DTYPES
+from naclip.segmenter import Segmenter as _Segmenter
 from naclip.strategies import STRATEGIES as _STRATEGIES
 from naclip_kernels.api import BACKENDS as _BACKENDS
 
@@ -40,6 +46,8 @@ __all__ = [
     "MODES",
     "OutputPaths",
     "UserError",
+    "add_inference_arguments",
+    "add_model_arguments",
     "build_parser",
     "collect_inputs",
     "main",
@@ -62,6 +70,16 @@ BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
 METHODS: tuple[str, ...] = tuple(_STRATEGIES)
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
+
+
+def _signature_defaults(fn) -> dict:
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+
+
+#: Model / tag / method used when the flags are not given: those of ``Segmenter.from_pretrained``.
+_FROM_PRETRAINED = _signature_defaults(_Segmenter.from_pretrained)
 
 
 class UserError(Exception):
@@ -110,6 +128,88 @@ def probability(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _config_default(name: str):
+    from naclip.segmenter import SegmentConfig
+
+    return getattr(SegmentConfig(), name)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options of ``segment`` and ``eval`` (their one home): ``--model``, ``--pretrained``,
+    ``--checkpoint``, ``--model-config``, ``--method``, ``--gaussian-std``, ``--device``, ``--dtype``,
+    ``--backend``. All default to ``None`` = the library's default (named in the help; ``--backend``:
+    ``$NACLIP_ATTN_BACKEND``, else ``auto``; an explicit value, ``auto`` included, overrides the variable)."""
+    lib = _FROM_PRETRAINED
+    p.add_argument("--model", metavar="NAME", help=f"open_clip model name (default {lib['model']})")
+    p.add_argument(
+        "--pretrained",
+        metavar="TAG",
+        help=f'open_clip pretrained tag (default {lib["pretrained"]}; "none" = random weights)',
+    )
+    p.add_argument("--checkpoint", metavar="PATH", help="local checkpoint file (instead of downloading)")
+    p.add_argument(
+        "--model-config",
+        metavar="JSON",
+        help="register an extra open_clip model config file (its file stem becomes a --model name)",
+    )
+    p.add_argument(
+        "--method", choices=METHODS, help=f"attention strategy of the last block (default {lib['method']})"
+    )
+    p.add_argument(
+        "--gaussian-std",
+        type=_positive_float,
+        metavar="S",
+        help=f"std of the Gaussian attention bias in patches (default {_config_default('gaussian_std'):g})",
+    )
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default fp32; eval --paper: fp16 on CUDA)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="attention kernel backend (default: $NACLIP_ATTN_BACKEND, else auto; an explicit value, auto "
+        "included, overrides the variable)",
+    )
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The per-image settings of ``segment`` and ``eval`` (their one home): ``--mode``, ``--pamr``,
+    ``--prob-thd``, ``--short-side``, ``--crop``, ``--stride``; ``None`` = the preset's value, else the
+    :class:`naclip.segmenter.SegmentConfig` default (named in the help)."""
+    d = _config_default
+    p.add_argument("--mode", choices=MODES, help=f"inference mode (default: the preset's, else {d('mode')})")
+    p.add_argument(
+        "--pamr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"PAMR refinement (default: the preset's, else {'on' if d('pamr') else 'off'})",
+    )
+    p.add_argument(
+        "--prob-thd",
+        type=probability,
+        metavar="P",
+        help="pixels whose best class probability is below P become background/unknown "
+        f"(default: the preset's, else {d('prob_thd'):g})",
+    )
+    p.add_argument(
+        "--short-side",
+        type=positive_int,
+        metavar="PX",
+        help=f"resize the short side to PX (default: the preset's, else {d('short_side')})",
+    )
+    p.add_argument("--crop", type=positive_int, metavar="PX", help=f"slide window size (default {d('crop')})")
+    p.add_argument("--stride", type=positive_int, metavar="PX", help=f"slide step (default {d('stride')})")
+
+
 def _add_segment_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "segment",
@@ -135,46 +235,31 @@ def _add_segment_parser(subparsers) -> None:
         "--classes-file", metavar="FILE", help='one class per line; synonyms of a class separated by ", "'
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    p.add_argument("--mode", choices=MODES, help="inference mode (default: the preset's, else whole)")
-    p.add_argument(
-        "--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement (default: on)"
-    )
-    p.add_argument("--prob-thd", type=probability, metavar="P", help="max probability below P -> class 0")
-    p.add_argument(
-        "--short-side", type=positive_int, metavar="PX", help="resize short side to PX (default 336)"
-    )
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
-    p.add_argument(
-        "--pretrained",
-        default="openai",
-        help='open_clip pretrained tag (default: openai), or "none" for random weights',
-    )
-    p.add_argument("--checkpoint", metavar="PATH", help="local checkpoint file (overrides --pretrained)")
-    p.add_argument(
-        "--model-config",
-        metavar="JSON",
-        help="register an extra open_clip model config file (its file stem becomes a --model name)",
-    )
-    p.add_argument(
-        "--method",
-        choices=METHODS,
-        default="naclip",
-        help="attention strategy of the last block (default: naclip)",
-    )
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: fp32)")
-    p.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="attention kernel backend (default: auto)"
-    )
+    add_inference_arguments(p)
+    add_model_arguments(p)
+    from naclip.io import DEFAULT_MAX_PIXELS, OVERLAY_ALPHA
+
     p.add_argument(
         "--overlay",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="write <stem>_overlay.png (default)",
     )
+    p.add_argument(
+        "--alpha",
+        type=probability,
+        metavar="A",
+        default=OVERLAY_ALPHA,
+        help=f"overlay opacity of the class colours, 0..1 (default {OVERLAY_ALPHA:g})",
+    )
     p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy (float32 [C, H, W])")
-    from naclip.io import DEFAULT_MAX_PIXELS
-
+    p.add_argument(
+        "--exif-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn photos upright by their EXIF Orientation tag before segmenting (default on; "
+        "--no-exif-orientation keeps the pixels as stored)",
+    )
     p.add_argument(
         "--max-pixels",
         type=non_negative_int,
@@ -318,31 +403,36 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs:
     return plans
 
 
-def _load_segmenter(args):
-    from naclip.hub import WeightsUnavailableError
-    from naclip.segmenter import SegmentConfig, Segmenter
-
-    if args.model_config:
-        cfg = Path(args.model_config)
+def _register_model_config(path: str | None) -> None:
+    """``--model-config JSON``: register it with open_clip (its file stem becomes a model name)."""
+    if path:
+        cfg = Path(path)
         if not cfg.is_file():
-            raise UserError(f"--model-config {args.model_config!r} does not exist")
+            raise UserError(f"--model-config {path!r} does not exist")
         import open_clip
 
         open_clip.add_model_config(cfg)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+
+
+def _load_segmenter(args, config):
+    from naclip.hub import WeightsUnavailableError
+    from naclip.segmenter import Segmenter
+
+    pretrained = args.pretrained if args.pretrained is not None else _FROM_PRETRAINED["pretrained"]
+    pretrained = None if str(pretrained).lower() in ("none", "") else pretrained
     checkpoint = args.checkpoint
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint!r} does not exist")
     try:
         seg = Segmenter.from_pretrained(
-            args.model,
+            args.model or _FROM_PRETRAINED["model"],
             pretrained,
             device=args.device,
             dtype=args.dtype,
-            method=args.method,
+            method=args.method or _FROM_PRETRAINED["method"],
             checkpoint=checkpoint,
-            backend=args.backend,  # an explicit "auto" stays "auto" (NACLIP_ATTN_BACKEND only for None)
-            config=SegmentConfig(max_pixels=args.max_pixels or None),
+            backend=args.backend,  # None: $NACLIP_ATTN_BACKEND, else auto; an explicit value wins
+            config=config,
         )
     except WeightsUnavailableError as exc:
         raise UserError(str(exc)) from None
@@ -351,31 +441,158 @@ def _load_segmenter(args):
     return seg
 
 
-def _run_segment(args) -> int:
+def _resolve_class_args(args):
+    """``(ClassSpec, preset name or None)`` from ``--classes`` / ``--classes-file`` / ``--preset``."""
     from naclip.presets import get_preset
 
     if args.classes is not None:
-        classes, preset = parse_classes_arg(args.classes), None
-    elif args.classes_file is not None:
-        classes, preset = _read_classes_file(args.classes_file), None
-    else:
-        classes, preset = None, args.preset
-        try:
-            get_preset(preset)
-        except (KeyError, ValueError) as exc:
-            raise UserError(str(exc)) from None
+        return parse_classes_arg(args.classes), None
+    if args.classes_file is not None:
+        return _read_classes_file(args.classes_file), None
+    try:
+        return get_preset(args.preset).classes, args.preset
+    except (KeyError, ValueError) as exc:
+        raise UserError(str(exc)) from None
 
+
+def _check_out_dir(out_dir: Path) -> None:
+    """``--out`` is, or can become, a writable directory (checked without creating anything)."""
+    where = f"--out {str(out_dir)!r}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{where} exists and is not a directory")
+    probe = out_dir
+    while not probe.exists():
+        if probe.is_symlink():
+            raise UserError(f"{where}: {str(probe)!r} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{where} cannot be created: {str(probe)!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == out_dir else f"cannot be created: {str(probe)!r} is read-only"
+        raise UserError(f"{where} {what}")
+
+
+def _make_out_dir(out_dir: Path) -> list[Path]:
+    """Create ``--out`` (and missing parents) and check a file can be written there; returns the
+    directories created, deepest first (removed again by :func:`_remove_if_empty` when nothing was
+    written). ``UserError`` for a read-only file system, a permission error, ..."""
+    created = []
+    probe = out_dir
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        _remove_if_empty(created)
+        raise UserError(
+            f"--out {str(out_dir)!r} cannot be created or written: {exc.strerror or exc}"
+        ) from None
+    return created
+
+
+def _remove_if_empty(dirs: Sequence[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple[Path, str]]:
+    """Every check on the inputs that needs no model (readable header, pixel limit, at least one patch,
+    resized input size); returns ``(path, message)`` of the inputs that fail."""
+    from naclip.hub import vit_patch_size
+    from naclip.io import probe_image
+    from naclip.presets import get_preset
+    from naclip.segmenter import check_input_size
+
+    try:
+        patch = vit_patch_size(args.model or _FROM_PRETRAINED["model"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--model: {exc}") from None
+    pre = get_preset(preset) if preset is not None else None
+    short = args.short_side or (pre.short_side if pre is not None else config.short_side)
+    long = pre.long_side if pre is not None else config.long_side
+    bad = []
+    for path in inputs:
+        try:
+            h, w = probe_image(path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation)
+            check_input_size(
+                h, w, patch=None if patch is None else (patch, patch), short_side=short, long_side=long,
+                max_pixels=config.max_pixels,
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            bad.append((path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+    return bad
+
+
+def _check_palette_classes(spec, preset) -> None:
+    from naclip.io import UNKNOWN_LABEL
+
+    limit = UNKNOWN_LABEL + 1 if preset is not None else UNKNOWN_LABEL
+    if spec.num_classes > limit:
+        raise UserError(
+            f"{spec.num_classes} classes do not fit a palette PNG mask: at most {limit} (values "
+            f"0..{limit - 1}{'' if preset is not None else f', {UNKNOWN_LABEL} = unknown'})"
+        )
+
+
+def _report(done: int, total: int, out_dir: Path, failures: list[tuple[Path, str]]) -> int:
+    print(f"naclip segment: {done} of {total} image(s) segmented into {str(out_dir)!r}", file=sys.stderr)
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} failed:", file=sys.stderr)
+    for path, msg in failures:
+        print(f"  {path}: {msg}", file=sys.stderr)
+    return EXIT_FAILED_FILES
+
+
+def _run_segment(args) -> int:
+    from naclip.segmenter import SegmentConfig
+
+    spec, preset = _resolve_class_args(args)
+    _check_palette_classes(spec, preset)
+    _register_model_config(args.model_config)
+    try:
+        config = SegmentConfig(
+            max_pixels=args.max_pixels or None,
+            exif_orientation=args.exif_orientation,
+            **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs, skip_outputs_in=out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a directory")
+    _check_out_dir(out_dir)
     plans = plan_outputs(inputs, out_dir, overlay=args.overlay, probs=args.probs)
+    failures = _precheck_inputs(inputs, args, config, preset)
+    for path, msg in failures:
+        print(f"error: {path}: {msg}", file=sys.stderr)
+    bad = {p for p, _ in failures}
+    todo = [(p, plan) for p, plan in zip(inputs, plans, strict=True) if p not in bad]
+    if not todo:  # nothing to segment: no model load, no --out folder
+        return _report(0, len(inputs), out_dir, failures)
+    created = _make_out_dir(out_dir)
+    written = False
+    try:
+        seg = _load_segmenter(args, config)
+        _encode_text(seg, spec, args)
+        written = _segment_all(seg, todo, spec if preset is None else None, preset, args, failures, inputs)
+    finally:
+        if not written:
+            _remove_if_empty(created)
+    return _report(len(inputs) - len(failures), len(inputs), out_dir, failures)
 
+
+def _encode_text(seg, spec, args) -> None:
+    """Encode the class prompts once, before any image (cached by the Segmenter); a bar for long lists."""
     from tqdm.auto import tqdm
 
-    seg = _load_segmenter(args)
-    spec = classes if classes is not None else get_preset(preset).classes
-    # encode the class prompts once, before any image (cached by the Segmenter); a bar for long class lists
     with tqdm(total=len(spec.queries), unit="query", desc="text features", leave=False, file=sys.stderr,
               disable=args.no_progress or len(spec.queries) < 32) as text_bar:  # fmt: skip
 
@@ -386,25 +603,29 @@ def _run_segment(args) -> int:
             seg.text_features(spec, progress=progress)
         except (ValueError, TypeError) as exc:
             raise UserError(str(exc)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bool:
+    """Segment and write every ``(path, plan)`` of ``todo``; failures are appended (one bad file does not
+    stop the others). Returns whether any file was written."""
+    from tqdm.auto import tqdm
 
     protect = list(inputs)
-    failures: list[tuple[Path, str]] = []
-    bar = tqdm(
-        total=len(inputs), unit="img", desc="naclip segment", disable=args.no_progress, file=sys.stderr
-    )
+    bar = tqdm(total=len(todo), unit="img", desc="naclip segment", disable=args.no_progress, file=sys.stderr)
     debug = bool(os.environ.get("NACLIP_DEBUG"))
+    written = False
     try:
-        for path, plan in zip(inputs, plans, strict=True):
+        for path, plan in todo:
             bar.set_postfix_str(path.name, refresh=False)
             try:
                 result = seg.predict(
                     path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
-                    short_side=args.short_side,
+                    short_side=args.short_side, crop=args.crop, stride=args.stride,
                 )  # fmt: skip
                 result.save_mask(plan.mask, protect=protect)
+                written = True
                 if plan.overlay is not None:
-                    result.save_overlay(plan.overlay, protect=protect)
+                    result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
                 if plan.probs is not None:
                     result.save_probs(plan.probs, protect=protect)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
@@ -416,18 +637,7 @@ def _run_segment(args) -> int:
             bar.update(1)
     finally:
         bar.close()
-
-    done = len(inputs) - len(failures)
-    print(
-        f"naclip segment: {done} of {len(inputs)} image(s) segmented into {str(out_dir)!r}",
-        file=sys.stderr,
-    )
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for path, msg in failures:
-            print(f"  {path}: {msg}", file=sys.stderr)
-        return EXIT_FAILED_FILES
-    return EXIT_OK
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -9,7 +9,10 @@
    names), or OpenAI's TorchScript release file (e.g. ``ViT-B-16.pt``). The architecture is ``model``.
 2. ``pretrained=TAG`` (e.g. ``"openai"``, ``"laion2b_s34b_b88k"``, ``"metaclip_fullcc"``): open_clip's
    download into the Hugging Face hub cache (or ``~/.cache/clip`` for URL-only tags). Offline
-   (``HF_HUB_OFFLINE=1``) only the cache is consulted, so a missing file fails at once.
+   (``HF_HUB_OFFLINE=1``) only the cache is consulted, so a missing file fails at once. Without that
+   variable, one bounded TCP probe of the download host (:data:`PROBE_TIMEOUT_S` seconds, through
+   ``HTTPS_PROXY`` when set) runs first; an unreachable host is treated like ``HF_HUB_OFFLINE=1`` (cache
+   only, no retries).
 3. ``pretrained=None``: random initialisation, nothing is downloaded.
 
 Activation: OpenAI and MetaCLIP weights were trained with QuickGELU; it is enabled when the tag's open_clip
@@ -23,6 +26,10 @@ import contextlib
 import difflib
 import logging
 import os
+import pickle
+import socket
+import threading
+import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -33,10 +40,14 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
 
-__all__ = ["CHECKPOINT_ENV", "WeightsUnavailableError", "load_clip"]
+__all__ = ["CHECKPOINT_ENV", "PROBE_TIMEOUT_S", "WeightsUnavailableError", "load_clip", "vit_patch_size"]
 
 #: Environment variable naming a local checkpoint file (used when ``checkpoint`` is not given).
 CHECKPOINT_ENV = "NACLIP_CHECKPOINT"
+
+#: Seconds the one connectivity probe of a download host may take (DNS lookup included) before the host
+#: counts as unreachable.
+PROBE_TIMEOUT_S = 3.0
 
 _COMMON_VITS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-B-16-quickgelu")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -86,6 +97,69 @@ def _hf_offline() -> bool:
         return env or bool(constants.HF_HUB_OFFLINE)
     except ImportError:  # pragma: no cover - huggingface_hub is an open_clip dependency
         return env
+
+
+def _hub_endpoint() -> str:
+    """The Hugging Face endpoint huggingface_hub downloads from (``HF_ENDPOINT``, default huggingface.co)."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    if env:
+        return env
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+    except ImportError:  # pragma: no cover
+        return "https://huggingface.co"
+
+
+def _probe_target(url: str) -> tuple[str, int]:
+    """``(host, port)`` a download of ``url`` first connects to: the HTTPS/HTTP proxy when one is set."""
+    parts = urllib.parse.urlsplit(url)
+    names = ("https_proxy", "HTTPS_PROXY") if parts.scheme == "https" else ("http_proxy", "HTTP_PROXY")
+    proxy = next((os.environ[n] for n in (*names, "all_proxy", "ALL_PROXY") if os.environ.get(n)), "")
+    if proxy:
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname or "", parts.port or default
+
+
+def _unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """``None`` when a TCP connection to the host of ``url`` (or its proxy) opens within ``timeout`` s,
+    else why not. The lookup + connect run in a daemon thread, so a hanging DNS lookup is bounded too."""
+    host, port = _probe_target(url)
+    if not host:
+        return f"no host in {url!r}"
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(_short(exc))
+
+    worker = threading.Thread(target=probe, name="naclip-network-probe", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    if not outcome:
+        return f"no answer from {host}:{port} within {timeout:g} s"
+    return None if outcome[0] is None else f"cannot connect to {host}:{port} ({outcome[0]})"
+
+
+@contextlib.contextmanager
+def _hf_offline_mode():
+    """huggingface_hub's own offline mode for the block (cache only, no retries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _hf_cache_dir(cache_dir: str | None) -> str:
@@ -151,6 +225,19 @@ def _check_vit_config(name: str) -> None:
         )
 
 
+def vit_patch_size(model: str) -> int | None:
+    """Patch size (pixels) of the open_clip ViT ``model`` from its config, without building it; ``None``
+    when the config is not known locally (``hf-hub:`` / ``local-dir:`` names). Errors as ``load_clip``'s for
+    an unknown or non-ViT name."""
+    name = _resolve_model_name(model)
+    if name.startswith(("hf-hub:", "local-dir:")):  # the config lives in the (maybe remote) repo
+        return None
+    _check_vit_config(name)
+    cfg = open_clip.get_model_config(name)
+    patch = None if cfg is None else cfg.get("vision_cfg", {}).get("patch_size")
+    return int(patch) if isinstance(patch, int) and not isinstance(patch, bool) else None
+
+
 def _resolve_precision(dtype: Any) -> str:
     """open_clip ``precision`` (``"fp32"``/``"fp16"``/``"bf16"``) via :func:`naclip.segmenter.dtype_name`,
     the one dtype parser (``TypeError`` for a non-str/dtype, ``ValueError`` for an unknown name)."""
@@ -197,7 +284,17 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's pickle-protocol notice: nothing a user can act on
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here advises weights_only=False, i.e. executing the file's code: never pass it on.
+        raise ValueError(
+            f"could not read checkpoint {str(path)!r}: it is corrupt or not a plain tensor state dict (it "
+            "holds Python objects other than tensors, which naclip never unpickles because that could run "
+            "code from the file). Expected an open_clip / OpenAI CLIP state dict (.safetensors, or .bin / "
+            ".pt holding only tensors) or OpenAI's TorchScript file."
+        ) from None
     except Exception as exc:
         raise ValueError(
             f"could not read checkpoint {str(path)!r}: {_short(exc)}. Expected an open_clip / OpenAI CLIP "
@@ -256,17 +353,22 @@ def _tag_cfg(name: str, tag: str) -> dict:
     return dict(cfg)
 
 
-def _unavailable(name: str, tag: str, looked: list[str], dirs: tuple[str, ...], reason: str, offline: bool):
+def _unavailable(
+    name: str, tag: str | None, looked: list[str], dirs: tuple[str, ...], reason: str, offline: bool | str
+):
     how = (
         "pass a local checkpoint: --checkpoint PATH on the command line, checkpoint=PATH in Python, or "
         f"the environment variable {CHECKPOINT_ENV}=PATH (an open_clip .safetensors/.bin/.pt state dict, "
         "or OpenAI's TorchScript file such as ViT-B-16.pt)"
     )
-    net = (
-        "HF_HUB_OFFLINE is set, so nothing is downloaded"
-        if offline
-        else "the download failed (no network access?); run once with network access to fill the cache"
-    )
+    if isinstance(offline, str):  # the probe's finding
+        net = (
+            f"No network: {offline}, so nothing is downloaded; run once with network access to fill the cache"
+        )
+    elif offline:
+        net = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    else:
+        net = "the download failed (no network access?); run once with network access to fill the cache"
     return WeightsUnavailableError(
         f"pretrained weights for model {name!r} (pretrained={tag!r}) are not available: {reason}. "
         f"Looked for {'; '.join(looked)}. {net}. To run without downloading, {how}.",
@@ -280,7 +382,8 @@ def _fetch_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
     """Local path of the tag's weights (cache or download); :class:`WeightsUnavailableError` otherwise."""
     if cfg.get("file"):
         return str(cfg["file"])
-    offline = _hf_offline()
+    env_offline = _hf_offline()
+    offline: bool | str = env_offline  # str: the probe found no network (why)
     hf_spec, url = cfg.get("hf_hub", ""), cfg.get("url", "")
     looked: list[str] = []
     dirs: list[str] = []
@@ -298,6 +401,8 @@ def _fetch_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
         hf_dir = _hf_cache_dir(cache_dir)
         dirs.append(hf_dir)
         looked.append(f"Hugging Face hub repo '{repo}' ({' or '.join(files)}) in the cache {hf_dir}")
+        if not env_offline:
+            offline = _unreachable(_hub_endpoint()) or False
         try:
             if offline:
                 from huggingface_hub import try_to_load_from_cache
@@ -315,6 +420,9 @@ def _fetch_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
         dirs.append(url_dir)
         target = os.path.join(url_dir, os.path.basename(url))
         looked.append(f"{target} (download URL {url})")
+        if not env_offline and not os.path.isfile(target):
+            note = _unreachable(url)
+            offline = f"{offline}; {note}" if isinstance(offline, str) and note else (note or False)
         if os.path.isfile(target) or not offline:
             try:
                 return str(open_clip.download_pretrained_from_url(url, cache_dir=cache_dir))
@@ -380,18 +488,18 @@ def load_clip(
     if schema:
         if checkpoint is not None:
             raise ValueError(f"checkpoint cannot be combined with the schema model name {name!r}")
+        offline: bool | str = _hf_offline()
+        if not offline and name.startswith("hf-hub:"):
+            offline = _unreachable(_hub_endpoint()) or False
         try:
-            clip = open_clip.create_model(name, precision=precision, device=dev, cache_dir=cache)
+            with _hf_offline_mode() if isinstance(offline, str) else contextlib.nullcontext():
+                clip = open_clip.create_model(name, precision=precision, device=dev, cache_dir=cache)
         except Exception as exc:
             if name.startswith("hf-hub:"):
                 raise _unavailable(
-                    name,
-                    None,
-                    [f"{name} in {_hf_cache_dir(cache)}"],
-                    (_hf_cache_dir(cache),),
-                    _short(exc),
-                    _hf_offline(),
-                ) from None
+                    name, None, [f"{name} in {_hf_cache_dir(cache)}"], (_hf_cache_dir(cache),), _short(exc),
+                    offline,
+                ) from None  # fmt: skip
             raise ValueError(f"could not create open_clip model {name!r}: {_short(exc)}") from None
     else:
         ckpt_path: Path | None = None

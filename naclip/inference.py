@@ -348,6 +348,7 @@ def postprocess(
     pamr_dilations: Sequence[int] = (8, 16),
     prob_thd: float = 0.0,
     logit_scale: float = LOGIT_SCALE,
+    below_thd_label: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow] int64, probs [C, oh, ow] float32)`` (spec §2.5).
 
@@ -360,6 +361,8 @@ def postprocess(
         num_classes: ``C``; default ``max(query_idx) + 1``.
         pamr_steps: PAMR iterations (``0`` = off); pamr_dilations: its dilations.
         prob_thd: background threshold in ``[0, 1]``; logit_scale: softmax temperature (a finite number).
+        below_thd_label: the label of pixels below ``prob_thd`` (``0``, the official background class;
+            :class:`naclip.Segmenter` passes another for user classes without a background).
 
     With ``L = bilinear(logits, ori_shape, align_corners=False)`` (float32), optionally
     ``L = pamr(bilinear(image, ori_shape), L, pamr_steps, pamr_dilations)`` (on a ``RuntimeError`` such as
@@ -367,7 +370,7 @@ def postprocess(
 
         p[q]   = softmax_q(logit_scale · L[q])                   # [Q, oh, ow]
         P[c]   = max_{q : query_idx[q] = c} p[q]                 # 0 for a class without queries
-        labels = argmax_c P;   labels[max_c P < prob_thd] = 0
+        labels = argmax_c P;   labels[max_c P < prob_thd] = below_thd_label
         probs  = P / sum_c P
 
     Returns ``labels`` (``int64``) and ``probs`` (``float32``), both on the CPU. Raises ``TypeError`` /
@@ -386,6 +389,8 @@ def postprocess(
     if not image.is_floating_point():
         raise TypeError(f"image: expected a normalised floating tensor, got dtype {image.dtype}")
     thd = _check_probability("prob_thd", prob_thd)
+    if isinstance(below_thd_label, bool) or not isinstance(below_thd_label, int) or below_thd_label < 0:
+        raise ValueError(f"below_thd_label: expected an int >= 0, got {below_thd_label!r}")
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, int | float):
         raise TypeError(
             f"logit_scale: expected a finite number, got {type(logit_scale).__name__} {logit_scale!r}"
@@ -429,7 +434,7 @@ def postprocess(
         probs = cls_probs
     top = probs.max(dim=0).values
     labels = probs.argmax(dim=0)
-    labels[top < thd] = 0
+    labels[top < thd] = below_thd_label
     probs = probs / probs.sum(dim=0, keepdim=True)
     return labels.cpu(), probs.cpu()
 

@@ -3,9 +3,10 @@
 Loading (:func:`load_image`) turns any supported input into a ``uint8`` RGB ``numpy`` array ``H x W x 3``:
 
 * **file paths** (``str`` / ``os.PathLike``), decoded with Pillow. Missing, unreadable, truncated or non-image
-  files raise :class:`ImageLoadError` (a ``ValueError``) or ``FileNotFoundError`` naming the file. EXIF
-  orientation is **not** applied (like OpenCV's ``imread`` flags used by the official pipeline: pixels as
-  stored).
+  files raise :class:`ImageLoadError` (a ``ValueError``) or ``FileNotFoundError`` naming the file. The EXIF
+  ``Orientation`` tag is applied (a phone photo stored sideways comes out upright, as every viewer shows it;
+  the mask then has the upright size); ``exif_orientation=False`` keeps the pixels as stored.
+  :func:`probe_image` reads only the header: the (oriented) size, for checks before any decoding.
 * **PIL images**: ``RGB`` as is; grayscale (``L``, ``1``) replicated to 3 channels; palette (``P``) expanded
   through its palette; alpha (``RGBA``, ``LA``, ``PA``, palette transparency) **dropped** (colour values kept
   as stored, as OpenCV's ``imread(IMREAD_COLOR)`` in the official pipeline does; no compositing); 16-bit
@@ -23,9 +24,13 @@ Loading (:func:`load_image`) turns any supported input into a ``uint8`` RGB ``nu
   (Pillow's own bomb check at ``2 · PIL.Image.MAX_IMAGE_PIXELS`` pixels is also reported this way).
 
 Writers are atomic (a temporary file in the destination directory, then ``os.replace``) and refuse to write
-onto any path listed in ``protect`` (the input images): :func:`save_mask` (palette PNG with the VOC palette
-extended to 256 colours), :func:`save_overlay` (colour blend + legend drawn with Pillow's default font),
-:func:`save_probs` (``.npy`` float32 ``C x H x W``).
+onto any path listed in ``protect`` (the input images): :func:`save_mask` (palette PNG, palette from
+:func:`label_palette`), :func:`save_overlay` (colour blend + a legend scaled with the image, drawn with fonts
+covering non-ASCII names, see :mod:`naclip._fonts`), :func:`save_probs` (``.npy`` float32 ``C x H x W``).
+
+Colours: with ``background=True`` (benchmark presets, whose class 0 is a real background) the VOC palette,
+0 = black; otherwise every class gets a visible colour (class ``i`` -> VOC colour ``i + 1``) and
+:data:`UNKNOWN_LABEL` (pixels below ``prob_thd`` when no class is a background) is black, "unknown".
 """
 
 from __future__ import annotations
@@ -40,16 +45,22 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "OVERLAY_ALPHA",
+    "UNKNOWN_LABEL",
+    "UNKNOWN_NAME",
     "ImageLoadError",
     "ImageTooLargeError",
     "load_image",
+    "probe_image",
+    "label_palette",
     "voc_palette",
     "colorize",
     "save_mask",
+    "legend_text_height",
     "render_overlay",
     "save_overlay",
     "save_probs",
@@ -58,6 +69,13 @@ __all__ = [
 
 #: Default pixel limit (H·W) of an input image: 64 megapixels (e.g. 8000 x 8000).
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Default opacity of the class colours in an overlay: ``(1 - alpha)·image + alpha·colour``.
+OVERLAY_ALPHA = 0.5
+#: Label of pixels below ``prob_thd`` when no user class is a background (palette PNG value, legend name).
+UNKNOWN_LABEL = 255
+UNKNOWN_NAME = "unknown"
+#: EXIF tag number of ``Orientation`` (values 1..8; 5..8 swap width and height).
+_EXIF_ORIENTATION = 0x0112
 
 PathLike = str | os.PathLike
 
@@ -165,7 +183,18 @@ def _tensor_to_array(t: Any, what: str) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _load_path(path: PathLike, max_pixels: int | None) -> np.ndarray:
+def _oriented_size(img: Image.Image, exif_orientation: bool) -> tuple[int, int]:
+    """``(w, h)`` of ``img`` as it will be returned (EXIF orientations 5..8 swap the sides)."""
+    w, h = img.size
+    if exif_orientation and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+        return h, w
+    return w, h
+
+
+@contextlib.contextmanager
+def _opened(path: PathLike, max_pixels: int | None, exif_orientation: bool, *, verify: bool = False):
+    """``Image.open`` with the checks and error mapping of :func:`load_image`; yields ``(img, (w, h))``.
+    ``verify``: first run Pillow's integrity check on a separate handle (it must directly follow open)."""
     p = Path(path)
     what = f"image file {str(p)!r}"
     if not p.exists():
@@ -175,11 +204,13 @@ def _load_path(path: PathLike, max_pixels: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if verify:
+                with Image.open(p) as raw:
+                    raw.verify()
             with Image.open(p) as img:
-                w, h = img.size
+                w, h = _oriented_size(img, exif_orientation)
                 _check_pixels(h, w, max_pixels, what)
-                img.load()
-                return _pil_to_rgb(img, what)
+                yield img, (w, h)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -192,21 +223,45 @@ def _load_path(path: PathLike, max_pixels: int | None) -> np.ndarray:
         raise ImageLoadError(f"{what} is truncated or corrupt: {exc}") from None
 
 
+def _load_path(path: PathLike, max_pixels: int | None, exif_orientation: bool) -> np.ndarray:
+    with _opened(path, max_pixels, exif_orientation) as (img, _):
+        img.load()
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
+        return _pil_to_rgb(img, f"image file {str(path)!r}")
+
+
+def probe_image(
+    path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_orientation: bool = True
+) -> tuple[int, int]:
+    """``(height, width)`` of the image file ``path`` as :func:`load_image` would return it, from its header
+    (plus Pillow's ``verify()``, which catches e.g. a PNG with a bad checksum, without decoding the pixels).
+    The same errors as :func:`load_image` for a missing, unreadable, corrupt or too large file."""
+    with _opened(path, max_pixels, exif_orientation, verify=True) as (_, (w, h)):
+        return h, w
+
+
 def _is_tensor(obj: Any) -> bool:
     import torch
 
     return isinstance(obj, torch.Tensor)
 
 
-def load_image(image: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    image: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_orientation: bool = True
+) -> np.ndarray:
     """Load/convert ``image`` (path, PIL image, numpy array or torch tensor) to uint8 RGB ``H x W x 3``.
 
     See the module docstring for the conversion rules. ``max_pixels=None`` disables the pixel limit.
+    ``exif_orientation``: turn image files upright by their EXIF ``Orientation`` tag (PIL images, arrays and
+    tensors are taken as given).
     """
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)):
         raise TypeError(f"max_pixels: expected an int or None, got {max_pixels!r}")
+    if not isinstance(exif_orientation, bool):
+        raise TypeError(f"exif_orientation: expected a bool, got {exif_orientation!r}")
     if isinstance(image, str | os.PathLike):
-        return _load_path(image, max_pixels)
+        return _load_path(image, max_pixels, exif_orientation)
     if isinstance(image, Image.Image):
         w, h = image.size
         _check_pixels(h, w, max_pixels, "image")
@@ -243,6 +298,21 @@ def voc_palette(n: int = 256) -> np.ndarray:
             b |= ((c >> 2) & 1) << (7 - k)
             c >>= 3
         pal[i] = (r, g, b)
+    return pal
+
+
+def label_palette(*, background: bool) -> np.ndarray:
+    """The ``uint8 [256, 3]`` colours of label values (see the module docstring): ``background=True``: the
+    VOC palette (0 = black background); ``False``: label ``i`` -> VOC colour ``i + 1`` (never black) and
+    :data:`UNKNOWN_LABEL` -> black."""
+    if not isinstance(background, bool):
+        raise TypeError(f"background: expected a bool, got {background!r}")
+    voc = voc_palette()
+    if background:
+        return voc
+    pal = np.empty_like(voc)
+    pal[:UNKNOWN_LABEL] = voc[1 : UNKNOWN_LABEL + 1]
+    pal[UNKNOWN_LABEL] = 0
     return pal
 
 
@@ -334,68 +404,96 @@ def _labels_array(labels: Any) -> np.ndarray:
     return a
 
 
-def save_mask(path: PathLike, labels: Any, *, protect: Iterable[PathLike] = ()) -> Path:
-    """Write ``labels`` (``H x W`` ints in [0, 255]) as a palette PNG (VOC palette); ``path`` must end in
-    .png."""
+def _palette_array(palette: np.ndarray | None) -> np.ndarray:
+    pal = voc_palette() if palette is None else np.asarray(palette)
+    if pal.shape != (256, 3) or not np.issubdtype(pal.dtype, np.integer) or pal.min() < 0 or pal.max() > 255:
+        raise ValueError(f"palette: expected uint8 [256, 3] colours (e.g. label_palette()), got {pal.shape}")
+    return pal.astype(np.uint8)
+
+
+def save_mask(
+    path: PathLike, labels: Any, *, palette: np.ndarray | None = None, protect: Iterable[PathLike] = ()
+) -> Path:
+    """Write ``labels`` (``H x W`` ints in [0, 255]) as a palette PNG (pixel value = label; colours
+    ``palette``, default VOC, see :func:`label_palette`); ``path`` must end in .png."""
     if Path(path).suffix.lower() != ".png":
         raise ValueError(f"path: a palette mask must be written as .png, got {str(path)!r}")
     a = _labels_array(labels)
     if a.size and (a.min() < 0 or a.max() > 255):
         raise ValueError(f"labels: values must lie in [0, 255] for a palette PNG, got [{a.min()}, {a.max()}]")
+    pal = _palette_array(palette)
     img = Image.fromarray(a.astype(np.uint8), mode="P")
-    img.putpalette(voc_palette().tobytes())
+    img.putpalette(pal.tobytes())
     return atomic_write(path, lambda f: img.save(f, format="PNG"), protect=protect)
 
 
-def _legend_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def legend_text_height(height: int, width: int) -> int:
+    """Em size in pixels of the legend text of an ``height x width`` overlay: 1/30 of the short side,
+    at least 12 px (readable on small images, proportionate on a 4000 px photo)."""
+    return max(12, round(min(height, width) / 30))
+
+
+def _legend_name(c: int, class_names: Sequence[str]) -> str:
+    if 0 <= c < len(class_names):
+        return str(class_names[c])
+    return UNKNOWN_NAME if c == UNKNOWN_LABEL else str(c)
+
+
+def _legend_rows(entries: list[tuple[int, int]], width: int) -> list[list[tuple[int, int]]]:
+    """Greedy line breaking of ``(label, entry width)`` into rows no wider than ``width``."""
+    rows: list[list[tuple[int, int]]] = [[]]
+    x = 0
+    for e in entries:
+        if rows[-1] and x + e[1] > width:
+            rows.append([])
+            x = 0
+        rows[-1].append(e)
+        x += e[1]
+    return [r for r in rows if r]
 
 
 def render_overlay(
-    image: np.ndarray, labels: Any, class_names: Sequence[str], *, alpha: float = 0.5
+    image: np.ndarray,
+    labels: Any,
+    class_names: Sequence[str],
+    *,
+    alpha: float = OVERLAY_ALPHA,
+    palette: np.ndarray | None = None,
 ) -> Image.Image:
-    """Blend the colourised ``labels`` over ``image`` (``(1-alpha)·image + alpha·colour``) and add a legend
-    strip below it listing the classes present (colour swatch + name, Pillow's default font)."""
+    """Blend the colourised ``labels`` over ``image`` (``(1-alpha)·image + alpha·colour``, colours from
+    ``palette``, default VOC) and add a legend below it listing the labels present (colour swatch + name;
+    :data:`UNKNOWN_LABEL` beyond the names is "unknown"). The legend scales with the image
+    (:func:`legend_text_height`) and draws any Unicode name an installed font covers
+    (:mod:`naclip._fonts`)."""
+    from naclip import _fonts
+
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha!r}")
     img = load_image(image, max_pixels=None)
     lab = _labels_array(labels)
     if lab.shape != img.shape[:2]:
         raise ValueError(f"labels: shape {lab.shape} does not match the image size {img.shape[:2]}")
-    col = colorize(lab)
+    pal = _palette_array(palette)
+    col = colorize(lab, pal)
     blend = (img.astype(np.float32) * (1.0 - alpha) + col.astype(np.float32) * alpha + 0.5).astype(np.uint8)
-    present = [int(c) for c in np.unique(lab)]
-    font = _legend_font()
-    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    pal = voc_palette()
-    sw, pad = 12, 6
-    entries = []
-    for c in present:
-        name = class_names[c] if 0 <= c < len(class_names) else str(c)
-        box = draw_probe.textbbox((0, 0), name, font=font)
-        entries.append((c, name, sw + 4 + (box[2] - box[0]) + 2 * pad, max(sw, box[3] - box[1])))
-    w = img.shape[1]
-    line_h = max([e[3] for e in entries] + [sw]) + pad
-    rows, x, row = [], 0, []
-    for e in entries:
-        if row and x + e[2] > w:
-            rows.append(row)
-            row, x = [], 0
-        row.append(e)
-        x += e[2]
-    if row:
-        rows.append(row)
-    legend_h = len(rows) * line_h + pad
-    canvas = Image.new("RGB", (w, img.shape[0] + legend_h), (255, 255, 255))
+    h, w = img.shape[:2]
+    em = legend_text_height(h, w)
+    sw, pad = em, max(4, em // 2)
+    texts = {int(c): _fonts.render_text(_legend_name(int(c), class_names), em) for c in np.unique(lab)}
+    entries = [(c, sw + pad // 2 + t.width + 2 * pad) for c, t in texts.items()]
+    line_h = max([t.height for t in texts.values()] + [sw]) + pad
+    rows = _legend_rows(entries, w)
+    canvas = Image.new("RGB", (w, h + len(rows) * line_h + pad), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    y = img.shape[0] + pad
-    for r in rows:
+    y = h + pad
+    for row in rows:
         x = pad
-        for c, name, ew, _ in r:
+        for c, ew in row:
             colour = tuple(int(v) for v in pal[c % len(pal)])
-            draw.rectangle([x, y, x + sw, y + sw], fill=colour, outline=(0, 0, 0))
-            draw.text((x + sw + 4, y), name, fill=(0, 0, 0), font=font)
+            top = y + (line_h - pad - sw) // 2
+            draw.rectangle([x, top, x + sw, top + sw], fill=colour, outline=(0, 0, 0), width=max(1, em // 12))
+            canvas.paste(texts[c], (x + sw + pad // 2, y), texts[c])
             x += ew
         y += line_h
     return canvas
@@ -407,12 +505,13 @@ def save_overlay(
     labels: Any,
     class_names: Sequence[str],
     *,
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
+    palette: np.ndarray | None = None,
     protect: Iterable[PathLike] = (),
 ) -> Path:
     """Write :func:`render_overlay` to ``path`` (format from the extension, e.g. .png or .jpg), atomically."""
     fmt = _pil_format(path)
-    canvas = render_overlay(image, labels, class_names, alpha=alpha)
+    canvas = render_overlay(image, labels, class_names, alpha=alpha, palette=palette)
     return atomic_write(path, lambda f: canvas.save(f, format=fmt), protect=protect)
 
 

@@ -27,7 +27,15 @@ from naclip import inference, io
 from naclip.presets import Preset, get_preset
 from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes
 
-__all__ = ["DTYPES", "SegmentConfig", "SegmentationResult", "Segmenter", "dtype_name", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "SegmentConfig",
+    "SegmentationResult",
+    "Segmenter",
+    "check_input_size",
+    "dtype_name",
+    "resolve_dtype",
+]
 
 #: Canonical dtype names (CLI choices and open_clip ``precision`` strings) -> torch dtype.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +107,11 @@ class SegmentConfig:
         pamr: PAMR refinement on/off (official default on); ``pamr_steps`` iterations, ``pamr_dilations``.
         prob_thd: pixels whose best class probability is below it become class 0.
         logit_scale: softmax temperature (40 in NACLIP).
+        gaussian_std: std of NACLIP's Gaussian attention bias in patch units (5 in NACLIP; the default of
+            :class:`Segmenter`'s ``gaussian_std``).
         max_pixels: limit on ``H·W`` of the input image and of the resized model input (``None``: no limit).
+        exif_orientation: turn image files upright by their EXIF Orientation tag (see
+            :func:`naclip.io.load_image`); ``False`` keeps the pixels as stored.
         memory_budget: bytes of activation memory per batch of sliding-window crops (sets the crop batch
             size).
         text_batch: queries per ``encode_text`` call (each query has ``len(templates)`` prompts).
@@ -117,7 +129,9 @@ class SegmentConfig:
     pamr_dilations: tuple[int, ...] = (8, 16)
     prob_thd: float = 0.0
     logit_scale: float = inference.LOGIT_SCALE
+    gaussian_std: float = 5.0
     max_pixels: int | None = io.DEFAULT_MAX_PIXELS
+    exif_orientation: bool = True
     memory_budget: int = 2 << 30
     text_batch: int = 8
     templates: tuple[str, ...] = TEMPLATES
@@ -133,6 +147,8 @@ class SegmentConfig:
         _check_int("pamr_steps", self.pamr_steps, 0)
         if not isinstance(self.pamr, bool):
             raise TypeError(f"pamr: expected a bool, got {self.pamr!r}")
+        if not isinstance(self.exif_orientation, bool):
+            raise TypeError(f"exif_orientation: expected a bool, got {self.exif_orientation!r}")
         if not self.pamr_dilations or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.pamr_dilations
         ):
@@ -142,6 +158,9 @@ class SegmentConfig:
             _check_int("max_pixels", self.max_pixels, 1)
         _check_int("memory_budget", self.memory_budget, 1)
         _check_int("text_batch", self.text_batch, 1)
+        std = self.gaussian_std
+        if isinstance(std, bool) or not isinstance(std, int | float) or not 0 < std < float("inf"):
+            raise ValueError(f"gaussian_std: expected a finite number > 0, got {std!r}")
         if (
             isinstance(self.templates, str)
             or not self.templates
@@ -154,6 +173,50 @@ class SegmentConfig:
 
 def _check_prob_thd(value: Any) -> float:
     return inference._check_probability("prob_thd", value)
+
+
+def check_input_size(
+    height: int,
+    width: int,
+    *,
+    patch: tuple[int, int] | None,
+    short_side: int | None,
+    long_side: int,
+    max_pixels: int | None,
+) -> None:
+    """The size checks of :meth:`Segmenter.predict` on an ``height x width`` image, runnable before any
+    model exists (the CLI runs them on every input first): at least one ``patch`` (``None``: unknown,
+    skipped), the resized model input too, and the resized input within ``max_pixels``. ``ValueError`` /
+    :class:`naclip.io.ImageTooLargeError` naming the sizes otherwise."""
+    ph, pw = patch if patch is not None else (1, 1)
+    if height < ph or width < pw:
+        raise ValueError(f"image: {height}x{width} is smaller than one {ph}x{pw} patch of the model")
+    if short_side is None:
+        return
+    nh, nw = inference.rescale_size(height, width, short_side, long_side)
+    if nh < ph or nw < pw:
+        raise ValueError(
+            f"image: {height}x{width} resized to {nh}x{nw} (short side {short_side}, long side {long_side}) "
+            f"is smaller than one {ph}x{pw} patch; the aspect ratio is too extreme"
+        )
+    if max_pixels is not None and nh * nw > max_pixels:
+        raise io.ImageTooLargeError(
+            f"image: the resized model input {nw}x{nh} has {nh * nw:,} pixels, above the limit of "
+            f"{max_pixels:,} (lower short_side or raise SegmentConfig.max_pixels)"
+        )
+
+
+def _below_thd_label(spec: ClassSpec, preset: Preset | None) -> tuple[int, bool]:
+    """``(label of pixels below prob_thd, palette has a background)``: a preset's class 0 (its real
+    background, the benchmark semantics); else the first user class with a ``background`` synonym; else
+    :data:`naclip.io.UNKNOWN_LABEL` ("unknown"; ``num_classes`` beyond 255 classes, which no palette PNG
+    holds anyway)."""
+    if preset is not None:
+        return 0, True
+    for c, synonyms in enumerate(spec.synonyms):
+        if any(s.strip().lower() == "background" for s in synonyms):
+            return c, False
+    return max(io.UNKNOWN_LABEL, spec.num_classes), False
 
 
 @dataclass
@@ -169,6 +232,9 @@ class SegmentationResult:
             only when requested (``return_logits=True``), else ``None``.
         image: the uint8 RGB input ``[H, W, 3]`` when known (used by :meth:`save_overlay`).
         source: the input file path when the image was given as a path (never overwritten by the writers).
+        palette: ``uint8 [256, 3]`` colours of the label values for the writers
+            (:func:`naclip.io.label_palette`; ``None``: VOC). Labels may hold
+            :data:`naclip.io.UNKNOWN_LABEL` (pixels below ``prob_thd`` when no user class is a background).
     """
 
     labels: torch.Tensor
@@ -177,20 +243,21 @@ class SegmentationResult:
     logits: torch.Tensor | None = None
     image: np.ndarray | None = field(default=None, repr=False)
     source: Path | None = None
+    palette: np.ndarray | None = field(default=None, repr=False)
 
     def _protect(self, protect: Iterable[os.PathLike | str]) -> list[os.PathLike | str]:
         return [*([self.source] if self.source is not None else []), *protect]
 
     def save_mask(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
         """Palette PNG of ``labels`` (VOC palette), written atomically; never onto the input file."""
-        return io.save_mask(path, self.labels, protect=self._protect(protect))
+        return io.save_mask(path, self.labels, palette=self.palette, protect=self._protect(protect))
 
     def save_overlay(
         self,
         path: str | os.PathLike,
         image: Any = None,
         *,
-        alpha: float = 0.5,
+        alpha: float = io.OVERLAY_ALPHA,
         protect: Iterable[os.PathLike | str] = (),
     ) -> Path:
         """Colour overlay of ``labels`` on ``image`` (default: the predicted image) with a legend,
@@ -199,7 +266,13 @@ class SegmentationResult:
         if img is None:
             raise ValueError("image: no image stored in this result; pass the image to overlay")
         return io.save_overlay(
-            path, img, self.labels, self.class_names, alpha=alpha, protect=self._protect(protect)
+            path,
+            img,
+            self.labels,
+            self.class_names,
+            alpha=alpha,
+            palette=self.palette,
+            protect=self._protect(protect),
         )
 
     def save_probs(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
@@ -247,7 +320,7 @@ class Segmenter:
             (``naclip`` = NACLIP; ``kk``, ``nonly``, ``vanilla``, ``csa`` for ablations/SCLIP).
         arch: last-block architecture ``"reduced"`` or ``"vanilla"``; ``None`` picks the strategy's required
             arch (``csa`` -> ``vanilla``) or else ``reduced`` (NACLIP).
-        gaussian_std: Gaussian std in patch units (``naclip``/``nonly``).
+        gaussian_std: Gaussian std in patch units (``naclip``/``nonly``); ``None``: ``config.gaussian_std``.
         backend: ``naclip_kernels`` backend (``None`` = global default: Triton on CUDA, PyTorch on CPU).
         device, dtype: where/how to run; the model is moved in place. ``dtype`` (anything
             :func:`resolve_dtype` takes: ``"fp32"``, ``"fp16"``, ``"bf16"``, a torch dtype) applies
@@ -264,7 +337,7 @@ class Segmenter:
         *,
         method: str = "naclip",
         arch: str | None = None,
-        gaussian_std: float = 5.0,
+        gaussian_std: float | None = None,
         backend: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -308,7 +381,11 @@ class Segmenter:
         _place(module, device, torch_dtype)
         module.eval()
         self.visual = NaclipVisual(
-            visual, arch=arch, strategy=method, gaussian_std=gaussian_std, backend=backend
+            visual,
+            arch=arch,
+            strategy=method,
+            gaussian_std=config.gaussian_std if gaussian_std is None else gaussian_std,
+            backend=backend,
         )
         self.model_id = model_id or f"{type(module).__name__}@{id(module):x}"
         self._text_cache = TextFeatureCache()
@@ -455,23 +532,13 @@ class Segmenter:
         _check_int("stride", stride, 1)
 
         source = Path(image) if isinstance(image, str | os.PathLike) else None
-        rgb = io.load_image(image, max_pixels=cfg.max_pixels)
-        ph, pw = self.visual.patch_size
+        rgb = io.load_image(image, max_pixels=cfg.max_pixels, exif_orientation=cfg.exif_orientation)
         h, w = rgb.shape[:2]
-        if h < ph or w < pw:
-            raise ValueError(f"image: {h}x{w} is smaller than one {ph}x{pw} patch of the model")
-        if short_side is not None:
-            nh, nw = inference.rescale_size(h, w, short_side, long_side)
-            if nh < ph or nw < pw:
-                raise ValueError(
-                    f"image: {h}x{w} resized to {nh}x{nw} (short side {short_side}, long side {long_side}) "
-                    f"is smaller than one {ph}x{pw} patch; the aspect ratio is too extreme"
-                )
-            if cfg.max_pixels is not None and nh * nw > cfg.max_pixels:
-                raise io.ImageTooLargeError(
-                    f"image: the resized model input {nw}x{nh} has {nh * nw:,} pixels, above the limit of "
-                    f"{cfg.max_pixels:,} (lower short_side or raise SegmentConfig.max_pixels)"
-                )
+        check_input_size(
+            h, w, patch=self.visual.patch_size, short_side=short_side, long_side=long_side,
+            max_pixels=cfg.max_pixels,
+        )  # fmt: skip
+        below_label, has_background = _below_thd_label(spec, pre)
         feats, qidx, _ = self.text_features(spec, progress=progress)
         x = inference.preprocess(rgb, short_side=short_side, long_side=long_side, device=self.device)
         result = self.predict_from_features(
@@ -488,9 +555,11 @@ class Segmenter:
             crop=crop,
             stride=stride,
             return_logits=return_logits,
+            below_thd_label=below_label,
         )
         result.image = rgb
         result.source = source
+        result.palette = io.label_palette(background=has_background)
         return result
 
     @torch.inference_mode()
@@ -511,6 +580,7 @@ class Segmenter:
         stride: int = 112,
         logit_scale: float | None = None,
         return_logits: bool = False,
+        below_thd_label: int = 0,
     ) -> SegmentationResult:
         """Run the pipeline from a normalised model input and precomputed query features (the official
         ``NACLIP.predict`` given ``query_features``/``query_idx``).
@@ -527,6 +597,7 @@ class Segmenter:
             class_names: display names (default ``"class_<i>"``).
             crop, stride: sliding window geometry; logit_scale: default ``SegmentConfig.logit_scale`` (40).
             return_logits: keep the raw logits ``[Q, H, W]`` (for slide: the window average) in the result.
+            below_thd_label: label of pixels below ``prob_thd`` (default 0, the official background class).
         """
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
@@ -567,6 +638,7 @@ class Segmenter:
             pamr_dilations=pamr_dilations,
             prob_thd=thd,
             logit_scale=scale,
+            below_thd_label=below_thd_label,
         )
         n_cls = probs.shape[0]
         if class_names is None:

@@ -31,11 +31,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from naclip.cli import DTYPES, non_negative_int, positive_int, probability
-from naclip.inference import MODES
+from naclip.cli import add_inference_arguments, add_model_arguments, non_negative_int, positive_int
 from naclip.segmenter import dtype_name, resolve_dtype
-from naclip.strategies import STRATEGIES
-from naclip_kernels.api import BACKENDS
 
 __all__ = ["add_eval_parser", "add_score_parser", "main", "run_eval", "run_score"]
 
@@ -48,6 +45,7 @@ PAPER_SETTINGS = {
     "method": "naclip",
     "crop": 224,
     "stride": 112,
+    "gaussian_std": 5.0,
 }
 
 
@@ -93,39 +91,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--paper", action="store_true", help="the paper's exact settings; print its mIoU beside ours"
     )
-    p.add_argument("--model", metavar="NAME", help="open_clip model name (default ViT-B-16)")
-    p.add_argument(
-        "--pretrained", metavar="TAG", help='open_clip pretrained tag (default openai; "none" = random)'
-    )
-    p.add_argument("--checkpoint", metavar="PATH", help="local checkpoint file (instead of downloading)")
-    p.add_argument(
-        "--model-config", metavar="JSON", help="register an open_clip model config file (stem = name)"
-    )
-    p.add_argument("--method", choices=list(STRATEGIES), help="attention strategy (default naclip)")
-    p.add_argument("--mode", choices=MODES, help="inference mode (default: the preset's)")
-    p.add_argument(
-        "--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR (default: preset's)"
-    )
-    p.add_argument(
-        "--prob-thd", type=probability, metavar="P", help="background threshold (default: preset's)"
-    )
-    p.add_argument(
-        "--short-side", type=positive_int, metavar="PX", help="resize short side (default: preset's)"
-    )
-    p.add_argument("--crop", type=positive_int, metavar="PX", help="slide crop size (default 224)")
-    p.add_argument("--stride", type=positive_int, metavar="PX", help="slide stride (default 112)")
-    p.add_argument(
-        "--device", help="torch device (default cuda if available, else cpu; per rank under torchrun)"
-    )
-    p.add_argument(
-        "--dtype", choices=DTYPES, help="model dtype (default: the library's choice for the device)"
-    )
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="attention kernel backend (default: $NACLIP_ATTN_BACKEND, else auto; an explicit value, auto "
-        "included, overrides the variable)",
-    )
+    add_model_arguments(p)
+    add_inference_arguments(p)
     p.add_argument("--seed", type=non_negative_int, default=0, help="torch seed before building the model")
     p.add_argument(
         "--save-pred",
@@ -232,6 +199,7 @@ def resolve_settings(args, preset) -> dict:
         "short_side": args.short_side or preset.short_side,
         "crop": args.crop or PAPER_SETTINGS["crop"],
         "stride": args.stride or PAPER_SETTINGS["stride"],
+        "gaussian_std": PAPER_SETTINGS["gaussian_std"] if args.gaussian_std is None else args.gaussian_std,
         "preset": preset.name,
     }
     if args.paper:
@@ -244,6 +212,7 @@ def resolve_settings(args, preset) -> dict:
             "--short-side": (args.short_side, preset.short_side),
             "--crop": (args.crop, PAPER_SETTINGS["crop"]),
             "--stride": (args.stride, PAPER_SETTINGS["stride"]),
+            "--gaussian-std": (args.gaussian_std, PAPER_SETTINGS["gaussian_std"]),
             "--model-config": (args.model_config, None),
         }
         bad = [
@@ -281,6 +250,7 @@ def _build_predictor(settings: dict, args, device: str):
             method=settings["method"],
             checkpoint=ckpt,
             backend=args.backend,  # None = the library default ($NACLIP_ATTN_BACKEND, else "auto")
+            gaussian_std=settings["gaussian_std"],
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         # RuntimeError covers naclip.hub.WeightsUnavailableError (offline, no local checkpoint).

@@ -9,6 +9,9 @@ predictions when ``predictor`` is None) and returns the dataset-level joint hist
   fsynced (:mod:`naclip.eval.records`); a later call with the same ``fingerprint`` skips the logged images.
   The final histogram is the integer sum of the logged and the new per-image histograms: bit-identical to an
   uninterrupted run, nothing lost or counted twice.
+* **Workers** die with their parent: each DataLoader worker asks the Linux kernel for ``SIGKILL`` when the
+  evaluating process dies (``prctl(PR_SET_PDEATHSIG)``), and elsewhere watches its parent's pid and exits
+  when it changes; a ``SIGKILL``-ed ``naclip eval`` leaves no worker behind.
 * **Ranks**: when ``torch.distributed`` is initialised with ``W`` ranks, every rank reads the logs, the images
   still to do are dealt round-robin (``todo[rank::W]``), and the new histograms are summed with ``all_reduce``
   (gloo on CPU, NCCL on CUDA); every rank returns the same result.
@@ -16,7 +19,12 @@ predictions when ``predictor`` is None) and returns the dataset-level joint hist
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +71,42 @@ def select_indices(n: int, limit: int | None) -> list[int]:
 
 def _first(batch: list[dict]) -> dict:
     return batch[0]
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCH_PERIOD_S = 1.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process end when ``parent_pid`` ends: ``PR_SET_PDEATHSIG`` on Linux, else a daemon
+    thread polling the parent pid. The parent may already be gone when this runs: checked afterwards."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(_WATCH_PERIOD_S)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="naclip-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the guard was armed
+        os._exit(1)
+
+
+class _WorkerInit:
+    """Picklable ``worker_init_fn`` (spawn start methods too) arming :func:`_die_with_parent`."""
+
+    def __init__(self) -> None:
+        self.parent_pid = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        _die_with_parent(self.parent_pid)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -160,6 +204,7 @@ def evaluate(
         num_workers=num_workers,
         collate_fn=_first,
         persistent_workers=False,
+        worker_init_fn=_WorkerInit() if num_workers > 0 else None,
     )
     bar = None
     if progress and rank == 0:

@@ -18,7 +18,7 @@ from PIL import Image
 from naclip.eval.datasets import DATASETS, canonical_dataset_name
 from naclip.io import atomic_write, voc_palette
 
-__all__ = ["make_synthetic_dataset", "STORED_VALUE_RANGE"]
+__all__ = ["STORED_VALUE_RANGE", "build_parser", "main", "make_synthetic_dataset"]
 
 #: Valid stored label values (inclusive) per dataset, before the reader's conversion (255 = ignore aside).
 STORED_VALUE_RANGE = {
@@ -128,3 +128,78 @@ def make_synthetic_dataset(
         text = "".join(f"{s}\n" for s in ids).encode("utf-8")
         atomic_write(split_path, lambda f: f.write(text))
     return out
+
+
+def _size(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HxW with positive integers (e.g. 48x64), got {text!r}"
+        ) from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers (e.g. 48x64), got {text!r}")
+    return h, w
+
+
+def build_parser():
+    """The ``python -m naclip.eval.synthetic`` argument parser."""
+    import argparse
+
+    from naclip.cli import non_negative_int, positive_int, probability
+
+    p = argparse.ArgumentParser(
+        prog="python -m naclip.eval.synthetic",
+        description="Write a tiny synthetic benchmark split (random images, block label maps) in the on-disk "
+        "layout naclip eval reads, e.g. to check an installation: python -m naclip.eval.synthetic "
+        "--dataset voc21 --root /tmp/voc && naclip eval --dataset voc21 --root /tmp/voc --pretrained none.",
+    )
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"layout: {', '.join(DATASETS)}")
+    p.add_argument("--root", required=True, metavar="DIR", help="output folder (the --root of naclip eval)")
+    p.add_argument("--num-images", type=positive_int, default=4, metavar="N", help="images (default 4)")
+    p.add_argument(
+        "--size",
+        type=_size,
+        action="append",
+        metavar="HxW",
+        help="image size, repeat for several (cycled; default 40x56, 48x36, 33x47)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--ignore-frac",
+        type=probability,
+        default=0.02,
+        metavar="F",
+        help="share of 255 labels (default 0.02)",
+    )
+    p.add_argument(
+        "--wrap",
+        action="store_true",
+        help="put it in the dataset's usual sub-folder (VOCdevkit/VOC2012, ...)",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    """``python -m naclip.eval.synthetic``: write the dataset, print where; exit status 2 on bad input."""
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        labels = make_synthetic_dataset(
+            args.dataset, args.root, num_images=args.num_images, sizes=args.size, seed=args.seed,
+            ignore_frac=args.ignore_frac, wrap=args.wrap,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    key = canonical_dataset_name(args.dataset)
+    root = Path(args.root) / DATASETS[key].root_candidates[-1] if args.wrap else Path(args.root)
+    print(f"wrote {len(labels)} {key} images and labels under {str(root)!r} (naclip eval --root {root})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

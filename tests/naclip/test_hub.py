@@ -230,3 +230,80 @@ def test_precision_uses_the_shared_dtype_parser(dtype, precision):
     assert hub._resolve_precision(dtype) == precision == dtype_name(dtype)
     with pytest.raises(TypeError, match="model"):
         load_clip(16, None)
+
+
+# --------------------------------------------------------------------- no network without HF_HUB_OFFLINE
+
+
+def test_unreachable_hub_fails_at_once_without_retries(no_network, caplog):
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_clip("ViT-B-16", "openai", device="cpu", cache_dir=no_network["cache"])
+    msg = str(info.value)
+    assert "No network" in msg and "127.0.0.1" in msg and "--checkpoint" in msg and CHECKPOINT_ENV in msg
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+
+
+def test_unreachable_hub_still_uses_the_cache(no_network, small_state, monkeypatch):
+    # a cached file is found through huggingface_hub's cache lookup, without any download attempt
+    sd, path = small_state
+    monkeypatch.setitem(
+        open_clip.pretrained._PRETRAINED, SMALL, {"cached": {"hf_hub": "org/small/", "quick_gelu": False}}
+    )
+    import huggingface_hub
+
+    monkeypatch.setattr(
+        huggingface_hub,
+        "try_to_load_from_cache",
+        lambda repo, f, cache_dir=None: str(path) if "bin" in f else None,
+    )
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("download attempted"))
+    model, _ = load_clip(SMALL, "cached", device="cpu", cache_dir=no_network["cache"])
+    _assert_same_weights(model, sd)
+
+
+def test_probe_reports_a_closed_port_and_accepts_an_open_one(closed_port):
+    import socket
+
+    assert "cannot connect to 127.0.0.1" in hub._unreachable(f"http://127.0.0.1:{closed_port}")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert hub._unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
+
+
+def test_probe_goes_through_the_proxy(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub._probe_target("https://huggingface.co") == ("proxy.example", 3128)
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    assert hub._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+
+
+# ------------------------------------------------------------------------------- checkpoint messages
+
+
+def test_checkpoint_gives_no_random_init_warning(offline, small_state, caplog):
+    with caplog.at_level("WARNING"):
+        load_clip(SMALL, None, device="cpu", checkpoint=small_state[1])
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "pickled-object"])
+def test_bad_checkpoint_never_advises_weights_only_false(offline, tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"\x80\x04" + b"garbage" * 20)
+    else:
+        torch.save({"weights": torch.ones(2), "hook": print}, path)
+    with pytest.raises(ValueError, match="could not read checkpoint") as info:
+        load_clip(SMALL, None, device="cpu", checkpoint=path)
+    assert "weights_only" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_patch_size_without_building_the_model():
+    assert hub.vit_patch_size(SMALL_P32) == 32 and hub.vit_patch_size("ViT-B-16") == 16
+    assert hub.vit_patch_size("hf-hub:org/repo") is None
+    with pytest.raises(ValueError, match="not an open_clip model name"):
+        hub.vit_patch_size("ViT-B-17")

@@ -363,3 +363,119 @@ def test_public_writers_get_umask_mode(tmp_path):
 
 def test_no_redundant_load_image_alias():
     assert not hasattr(io, "to_rgb_uint8") and "to_rgb_uint8" not in io.__all__
+
+
+# -------------------------------------------------------------------------- EXIF, palettes, legend fonts
+
+
+def _oriented_jpeg(path, orientation: int, h: int = 6, w: int = 10):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[0, 0] = (255, 0, 0)  # a marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(path, exif=exif.tobytes(), quality=100, subsampling=0)
+    return path
+
+
+@pytest.mark.parametrize(("orientation", "shape"), [(1, (6, 10)), (3, (6, 10)), (6, (10, 6)), (8, (10, 6))])
+def test_exif_orientation_applied_and_opt_out(tmp_path, orientation, shape):
+    path = _oriented_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+    up = io.load_image(path)
+    assert up.shape[:2] == shape and io.probe_image(path) == shape
+    stored = io.load_image(path, exif_orientation=False)
+    assert stored.shape[:2] == (6, 10) and io.probe_image(path, exif_orientation=False) == (6, 10)
+    # the marker moved where the tag says (6: rotate 90 clockwise -> top-left goes to the top-right)
+    corner = {1: (0, 0), 3: (5, 9), 6: (0, 5), 8: (9, 0)}[orientation]
+    assert up[corner][0] > 200 and up[corner][1] < 60
+
+
+def test_probe_image_errors_like_load_image(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnothing")
+    with pytest.raises(io.ImageLoadError, match="bad.png"):
+        io.probe_image(bad)
+    with pytest.raises(FileNotFoundError):
+        io.probe_image(tmp_path / "missing.png")
+    Image.fromarray(_rgb(40, 40)).save(tmp_path / "big.png")
+    with pytest.raises(io.ImageTooLargeError, match="1,000"):
+        io.probe_image(tmp_path / "big.png", max_pixels=1000)
+    with pytest.raises(TypeError, match="exif_orientation"):
+        io.load_image(tmp_path / "big.png", exif_orientation="yes")
+
+
+def test_label_palettes():
+    voc = io.voc_palette()
+    assert np.array_equal(io.label_palette(background=True), voc)
+    user = io.label_palette(background=False)
+    assert np.array_equal(user[:255], voc[1:256]) and (user[:255] != 0).any(axis=1).all()
+    assert (user[io.UNKNOWN_LABEL] == 0).all()
+
+
+def test_save_mask_with_a_palette(tmp_path):
+    labels = np.array([[0, 1], [255, 1]])
+    pal = io.label_palette(background=False)
+    with Image.open(io.save_mask(tmp_path / "m.png", labels, palette=pal)) as im:
+        assert np.array_equal(np.asarray(im), labels)
+        assert np.array_equal(np.asarray(im.getpalette()[:768], np.uint8).reshape(256, 3), pal)
+    with pytest.raises(ValueError, match="palette"):
+        io.save_mask(tmp_path / "x.png", labels, palette=pal[:10])
+
+
+def test_legend_scales_with_the_image():
+    small = io.render_overlay(_rgb(60, 80), np.zeros((60, 80), int), ["cat"])
+    big = io.render_overlay(np.zeros((1200, 1600, 3), np.uint8), np.zeros((1200, 1600), int), ["cat"])
+    assert io.legend_text_height(60, 80) == 12 and io.legend_text_height(1200, 1600) == 40
+    assert big.size[1] - 1200 > 2.5 * (small.size[1] - 60)
+
+
+def test_unknown_label_has_its_own_legend_entry():
+    labels = np.zeros((30, 40), int)
+    labels[:, 20:] = io.UNKNOWN_LABEL
+    assert io._legend_name(io.UNKNOWN_LABEL, ["cat"]) == io.UNKNOWN_NAME
+    with_unknown = io.render_overlay(
+        _rgb(30, 40), labels, ["cat"], palette=io.label_palette(background=False)
+    )
+    assert with_unknown.size[1] > 30
+
+
+def _ink(text: str, height: int = 32) -> np.ndarray:
+    from naclip import _fonts
+
+    return np.asarray(_fonts.render_text(text, height))[..., 3]
+
+
+def test_legend_draws_accented_latin_with_a_real_glyph():
+    from naclip import _fonts
+
+    if not _fonts._primary_paths():
+        pytest.skip("no scalable font installed (Pillow's built-in font only)")
+    assert _fonts._fallback_for("é") is not None
+    assert not np.array_equal(_ink("café"), _ink("caf?"))  # not the '?' of a missing glyph
+
+
+@pytest.mark.parametrize("text", ["中文", "🦩"], ids=["cjk", "emoji"])
+def test_legend_covers_other_scripts_or_says_why_not(text, recwarn):
+    from naclip import _fonts
+
+    fonts = {_fonts._fallback_for(ch) for ch in text}
+    _fonts._warned.difference_update(text)
+    strip = _ink(text)
+    if None in fonts:  # no installed font covers it: a '?' and one clear warning naming the packages
+        assert np.array_equal(strip, _ink("?" * len(text)))
+        assert any("fonts-noto" in str(w.message) and text[0] in str(w.message) for w in recwarn.list)
+    else:
+        assert strip.any() and not np.array_equal(strip, _ink("?" * len(text)))
+        assert not [w for w in recwarn.list if "no installed font" in str(w.message)]
+
+
+def test_legend_without_any_covering_font_degrades_clearly(monkeypatch, recwarn):
+    from naclip import _fonts
+
+    real = _fonts._fallback_for
+    monkeypatch.setattr(_fonts, "_fallback_for", lambda ch: None if ch == "\u4e2d" else real(ch))
+    _fonts._warned.discard("\u4e2d")
+    assert np.array_equal(_ink("a\u4e2d"), _ink("a?"))
+    msgs = [str(w.message) for w in recwarn.list if "no installed font" in str(w.message)]
+    assert len(msgs) == 1 and "U+4E2D" in msgs[0] and "fonts-noto-cjk" in msgs[0]
+    _ink("\u4e2d")  # reported once per character, not per legend
+    assert len([w for w in recwarn.list if "no installed font" in str(w.message)]) == 1
