@@ -7,7 +7,9 @@ atomically and into ``--out`` only:
 * ``<stem>_mask.png``: palette PNG, pixel value = class index (255 = "unknown": below ``--prob-thd`` when no
   user class is a background; presets keep their class 0 background);
 * ``<stem>_overlay.png``: the image blended with the class colours, with a legend (``--no-overlay`` to skip);
-* ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``).
+* ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``);
+* ``<stem>.json``: size, per-class pixels / fraction / mean probability and the settings (``--json``);
+* ``<stem>_heatmaps.png``: titled grid of the per-class probability maps with a colour bar (``--heatmaps``).
 
 An output path that is also an input is refused up front. Every check that needs no model (readable image,
 size against the model's patch and the pixel limit, class count, a creatable ``--out``) runs before the model
@@ -256,6 +258,8 @@ def _add_segment_parser(subparsers) -> None:
         help=f"overlay opacity of the class colours, 0..1 (default {OVERLAY_ALPHA:g})",
     )
     p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy (float32 [C, H, W])")
+    p.add_argument("--json", action="store_true", help="also write <stem>.json (class areas and settings)")
+    p.add_argument("--heatmaps", action="store_true", help="also write <stem>_heatmaps.png (class maps)")
     p.add_argument(
         "--exif-orientation",
         action=argparse.BooleanOptionalAction,
@@ -414,7 +418,7 @@ def _read_classes_file(path: str):
 
 
 def _is_output_name(p: Path) -> bool:
-    return p.name.endswith(("_mask.png", "_overlay.png", "_probs.npy"))
+    return p.name.endswith(("_mask.png", "_overlay.png", "_probs.npy", "_heatmaps.png"))
 
 
 def collect_inputs(items: Sequence[str], *, skip_outputs_in: Path | None = None) -> list[Path]:
@@ -456,9 +460,14 @@ class OutputPaths:
     mask: Path
     overlay: Path | None
     probs: Path | None
+    json: Path | None = None
+    heatmaps: Path | None = None
 
 
-def plan_outputs(inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs: bool) -> list[OutputPaths]:
+def plan_outputs(
+    inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs: bool, json: bool = False,
+    heatmaps: bool = False,
+) -> list[OutputPaths]:  # fmt: skip
     """Output paths per input: ``<stem>_mask.png`` etc.; inputs sharing a stem get ``<stem>_<ext>[_n]``.
 
     Raises :class:`UserError` when an output path is one of the inputs (inputs are never overwritten).
@@ -480,11 +489,13 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs:
                 mask=out_dir / f"{name}_mask.png",
                 overlay=out_dir / f"{name}_overlay.png" if overlay else None,
                 probs=out_dir / f"{name}_probs.npy" if probs else None,
+                json=out_dir / f"{name}.json" if json else None,
+                heatmaps=out_dir / f"{name}_heatmaps.png" if heatmaps else None,
             )
         )
     input_keys = {p.resolve() for p in inputs}
     for plan in plans:
-        for target in (plan.mask, plan.overlay, plan.probs):
+        for target in (plan.mask, plan.overlay, plan.probs, plan.json, plan.heatmaps):
             if target is not None and target.resolve() in input_keys:
                 raise UserError(
                     f"output {str(target)!r} would overwrite an input; choose another --out directory"
@@ -661,7 +672,9 @@ def _run_segment(args) -> int:
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs, skip_outputs_in=out_dir)
     _check_out_dir(out_dir)
-    plans = plan_outputs(inputs, out_dir, overlay=args.overlay, probs=args.probs)
+    plans = plan_outputs(
+        inputs, out_dir, overlay=args.overlay, probs=args.probs, json=args.json, heatmaps=args.heatmaps
+    )
     failures = _precheck_inputs(inputs, args, config, preset)
     for path, msg in failures:
         print(f"error: {path}: {msg}", file=sys.stderr)
@@ -714,6 +727,10 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
                     result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
                 if plan.probs is not None:
                     result.save_probs(plan.probs, protect=protect)
+                if plan.json is not None:
+                    result.save_json(plan.json, protect=protect)
+                if plan.heatmaps is not None:
+                    result.save_heatmaps(plan.heatmaps, protect=protect)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
                 if debug:
                     raise

@@ -250,6 +250,8 @@ class SegmentationResult:
         palette: ``uint8 [256, 3]`` colours of the label values for the writers
             (:func:`naclip.io.label_palette`; ``None``: VOC). Labels may hold
             :data:`naclip.io.UNKNOWN_LABEL` (pixels below ``prob_thd`` when no user class is a background).
+        settings: the settings :meth:`Segmenter.predict` used (mode, PAMR, threshold, sizes, model, and
+            ``below_thd_label``, the label of pixels below the threshold), as written into :meth:`to_json`.
     """
 
     labels: torch.Tensor
@@ -259,6 +261,7 @@ class SegmentationResult:
     image: np.ndarray | None = field(default=None, repr=False)
     source: Path | None = None
     palette: np.ndarray | None = field(default=None, repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def _protect(self, protect: Iterable[os.PathLike | str]) -> list[os.PathLike | str]:
         return [*([self.source] if self.source is not None else []), *protect]
@@ -293,6 +296,49 @@ class SegmentationResult:
     def save_probs(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
         """``probs`` as a float32 ``.npy`` ``[C, H, W]``, written atomically."""
         return io.save_probs(path, self.probs, protect=self._protect(protect))
+
+    def summary(self) -> dict[str, Any]:
+        """``{"height", "width", "classes": [{"index", "name", "pixels", "fraction", "mean_prob"}],
+        "settings"}`` (:func:`naclip.outputs.summary`: exact pixel counts, ``mean_prob`` over the class's
+        own pixels)."""
+        from naclip import outputs
+
+        return outputs.summary(self.labels, self.probs, self.class_names, self.settings)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """:meth:`summary` as JSON text."""
+        import json
+
+        return json.dumps(self.summary(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    def save_json(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """:meth:`summary` as a UTF-8 JSON file, written atomically."""
+        from naclip import outputs
+
+        return outputs.save_json(path, self.summary(), protect=self._protect(protect))
+
+    def save_heatmaps(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """Titled grid of the per-class probability maps with a colour bar (PNG), written atomically
+        (:func:`naclip.outputs.render_heatmaps`)."""
+        from naclip import outputs
+
+        return outputs.save_heatmaps(
+            path, self.probs, self.class_names, labels=self.labels, protect=self._protect(protect)
+        )
+
+    def to_hf(self) -> list[dict[str, Any]]:
+        """transformers ``image-segmentation`` pipeline format: per class present, ``{"label", "score"
+        (mean probability over its pixels), "mask" (PIL "L", 255 on the class)}``."""
+        from naclip import outputs
+
+        return outputs.to_hf(self.labels, self.probs, self.class_names)
+
+    def to_supervision(self) -> Any:
+        """``supervision.Detections`` (masks, boxes, class ids, mean probabilities, class names) of the
+        classes present; needs the optional ``supervision`` package."""
+        from naclip import outputs
+
+        return outputs.to_supervision(self.labels, self.probs, self.class_names)
 
 
 def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
@@ -621,6 +667,12 @@ class Segmenter:
         result.image = rgb
         result.source = source
         result.palette = io.label_palette(background=has_background)
+        result.settings = {
+            "model": self.model_id, "method": self.visual.strategy, "dtype": dtype_name(self.dtype),
+            "preset": pre.name if pre is not None else None, "mode": mode, "pamr": use_pamr, "prob_thd": thd,
+            "short_side": short_side, "long_side": long_side, "crop": crop, "stride": stride,
+            "logit_scale": cfg.logit_scale, "templates": len(cfg.templates), "below_thd_label": below_label,
+        }  # fmt: skip
         return result
 
     @torch.inference_mode()
