@@ -1,4 +1,5 @@
-"""Command line: ``naclip segment | eval | score`` (console script ``naclip``, also ``python -m naclip``).
+"""Command line: ``naclip segment | demo | eval | score`` (console script ``naclip``, or ``python -m
+naclip``).
 
 ``naclip segment IMAGES_OR_DIRS (--classes "sky, cloud; tree; person" | --preset voc21 | --classes-file F)
 --out DIR`` segments every image (directories are scanned non-recursively for image files) and writes,
@@ -18,7 +19,8 @@ segmented is reported and the others are still processed; the exit status is the
 arguments, unknown preset, missing weights when offline, ...) print one ``error:`` line and exit with status
 2, without a traceback (set ``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from
 :mod:`naclip.eval.cli`. ``naclip cache info|clear`` shows or deletes the on-disk text-feature cache
-(:mod:`naclip.text_cache`).
+(:mod:`naclip.text_cache`). ``naclip demo`` serves :mod:`naclip.demo` (the same model options,
+``--max-pixels``, ``--host``/``--port``/``--share``).
 
 Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here): the option groups
 :func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options), the text
@@ -364,6 +366,30 @@ def _run_cache(args) -> int:
     return EXIT_OK
 
 
+def _add_demo_parser(subparsers) -> None:
+    from naclip.io import DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser(
+        "demo",
+        help="serve a browser demo (Gradio, extra [demo])",
+        description="Serve a Gradio page to segment images interactively: upload, paste or capture an image, "
+        "type classes or pick a preset; overlay, heat maps, class areas, mask and JSON downloads. The model "
+        "is loaded once; nothing is sent anywhere but to the browser.",
+    )
+    add_model_arguments(p)
+    add_text_args(p)
+    p.add_argument(
+        "--max-pixels", type=non_negative_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"refuse images with more than N pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1 only)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument(
+        "--share", action="store_true", help="also open a public gradio.live tunnel (off by default; online)"
+    )
+    p.set_defaults(func=_run_demo)
+
+
 def _add_external_parsers(subparsers) -> None:
     """``eval`` / ``score`` from :mod:`naclip.eval.cli` (part of this package: a failing import is a bug and
     propagates)."""
@@ -382,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_segment_parser(subparsers)
+    _add_demo_parser(subparsers)
     _add_external_parsers(subparsers)
     _add_cache_parser(subparsers)
     return parser
@@ -741,6 +768,32 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
     finally:
         bar.close()
     return written
+
+
+def _run_demo(args) -> int:
+    from naclip import demo
+    from naclip.segmenter import SegmentConfig
+
+    try:
+        demo.require_gradio()
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    _register_model_config(args.model_config)
+    std = {"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}
+    templates = templates_arg(args.templates)
+    try:
+        config = SegmentConfig(
+            max_pixels=args.max_pixels or None, **std, **({"templates": templates} if templates else {})
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+    seg = _load_segmenter(args, config)
+    print(f"naclip demo: serving on http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        demo.launch(seg, host=args.host, port=args.port, share=args.share)
+    except (ValueError, TypeError, OSError) as exc:  # port out of range or in use
+        raise UserError(f"demo: {exc}") from None
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -669,6 +669,7 @@ class Segmenter:
         result.palette = io.label_palette(background=has_background)
         result.settings = {
             "model": self.model_id, "method": self.visual.strategy, "dtype": dtype_name(self.dtype),
+            "gaussian_std": self.visual.gaussian_std,
             "preset": pre.name if pre is not None else None, "mode": mode, "pamr": use_pamr, "prob_thd": thd,
             "short_side": short_side, "long_side": long_side, "crop": crop, "stride": stride,
             "logit_scale": cfg.logit_scale, "templates": len(cfg.templates), "below_thd_label": below_label,
