@@ -12,6 +12,10 @@ atomically and into ``--out`` only:
 * ``<stem>.json``: size, per-class pixels / fraction / mean probability and the settings (``--json``);
 * ``<stem>_heatmaps.png``: titled grid of the per-class probability maps with a colour bar (``--heatmaps``).
 
+A video input (:data:`naclip.video.VIDEO_SUFFIXES`) gives ``<stem>_overlay.mp4`` (same frame count, size and
+rate), ``<stem>_frames.json`` (per-frame class areas) and, with ``--frame-masks``,
+``<stem>_masks/NNNNNN_mask.png``; ``--batch`` frames go through the model at a time.
+
 An output path that is also an input is refused up front. Every check that needs no model (readable image,
 size against the model's patch and the pixel limit, class count, a creatable ``--out``) runs before the model
 loads; ``--out`` is created only then and removed again if nothing was written. A file that cannot be read or
@@ -277,6 +281,8 @@ def _add_segment_parser(subparsers) -> None:
         help="refuse images (and resized model inputs) with more than N pixels "
         f"(default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
     )
+    p.add_argument("--batch", type=positive_int, metavar="N", help="video frames per model batch (default 8)")
+    p.add_argument("--frame-masks", action="store_true", help="video: also write a mask PNG per frame")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     add_text_args(p)
     p.set_defaults(func=_run_segment)
@@ -649,7 +655,12 @@ def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple
     bad = []
     for path in inputs:
         try:
-            h, w = probe_image(path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation)
+            if path.suffix.lower() in _video_suffixes():
+                h, w = _probe_video(path)
+            else:
+                h, w = probe_image(
+                    path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation
+                )
             check_input_size(
                 h, w, patch=None if patch is None else (patch, patch), short_side=short, long_side=long,
                 max_pixels=config.max_pixels,
@@ -744,6 +755,11 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
         for path, plan in todo:
             bar.set_postfix_str(path.name, refresh=False)
             try:
+                if path.suffix.lower() in _video_suffixes():
+                    _segment_video(seg, path, plan, args, classes, preset, protect)
+                    written = True
+                    bar.update(1)
+                    continue
                 result = seg.predict(
                     path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
                     short_side=args.short_side, crop=args.crop, stride=args.stride,
@@ -794,6 +810,41 @@ def _run_demo(args) -> int:
     except (ValueError, TypeError, OSError) as exc:  # port out of range or in use
         raise UserError(f"demo: {exc}") from None
     return EXIT_OK
+
+
+def _video_suffixes() -> tuple[str, ...]:
+    from naclip.video import VIDEO_SUFFIXES
+
+    return VIDEO_SUFFIXES
+
+
+def _probe_video(path: Path) -> tuple[int, int]:
+    from naclip import video
+
+    try:
+        info = video.probe(path)
+    except ImportError as exc:  # PyAV missing: this input fails, the images are still processed
+        raise ValueError(str(exc)) from None
+    return info.height, info.width
+
+
+def _segment_video(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
+    """One video: ``<stem>_overlay.mp4``, ``<stem>_frames.json`` and with ``--frame-masks`` the masks."""
+    from tqdm.auto import tqdm
+
+    from naclip import outputs, video
+
+    base = plan.mask.with_name(plan.mask.name.removesuffix("_mask.png"))
+    total = video.probe(path).frames
+    with tqdm(total=total, unit="frame", desc=path.name, leave=False, file=sys.stderr,
+              disable=args.no_progress) as frames_bar:  # fmt: skip
+        report = video.segment_video(
+            seg, path, classes, overlay=f"{base}_overlay.mp4", protect=tuple(protect),
+            masks_dir=f"{base}_masks" if args.frame_masks else None, batch=args.batch or video.DEFAULT_BATCH,
+            progress=frames_bar.update, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
+            short_side=args.short_side, crop=args.crop, stride=args.stride,
+        )  # fmt: skip
+    outputs.save_json(f"{base}_frames.json", report, protect=protect)
 
 
 # ---------------------------------------------------------------------------------------------------- main
