@@ -102,6 +102,28 @@ def test_cli_demo_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     assert "pip install 'naclip[demo]'" in capsys.readouterr().err
 
 
+def test_cli_demo_loads_the_model_once_and_serves_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("gradio", reason="gradio (extra [demo], in [dev]) is not installed")
+    import open_clip
+
+    from naclip import Segmenter, demo
+
+    cfg = tmp_path / "naclip-demo-tiny.json"
+    cfg.write_text(
+        '{"embed_dim": 32, "quick_gelu": true, "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, '
+        '"head_width": 32, "patch_size": 16}, "text_cfg": {"context_length": 77, "vocab_size": 49408, '
+        '"width": 32, "heads": 2, "layers": 1}}'
+    )
+    calls = []
+    monkeypatch.setattr(demo, "launch", lambda seg, **kw: calls.append((seg, kw)))
+    argv = ["demo", "--model-config", str(cfg), "--model", "naclip-demo-tiny", "--pretrained", "none"]
+    assert main([*argv, "--device", "cpu", "--method", "kk", "--port", "8123"]) == 0
+    ((seg, kw),) = calls
+    assert isinstance(seg, Segmenter) and seg.visual.strategy == "kk"
+    assert kw == {"host": "127.0.0.1", "port": 8123, "share": False}
+    assert "naclip-demo-tiny" in open_clip.list_models()
+
+
 # ------------------------------------------------------------------------------------- served on loopback
 
 
