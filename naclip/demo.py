@@ -34,6 +34,8 @@ __all__ = ["DemoSession", "build_app", "launch", "require_gradio"]
 _OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
 _NO_PRESET = "(none)"
 _AREA_HEADERS = ["class", "pixels", "area %", "mean prob"]
+#: Download folders kept per session (older ones are removed; gradio serves its own copies).
+_KEEP_REQUESTS = 32
 
 
 def require_gradio() -> Any:
@@ -99,8 +101,7 @@ class DemoSession:
             if before is not None:
                 seg.visual.set_params(gaussian_std=before)
         data = res.summary()
-        out = self.root / uuid.uuid4().hex
-        out.mkdir()
+        out = self._request_dir()
         mask_path = res.save_mask(out / "mask.png")
         json_path = outputs.save_json(out / "segmentation.json", data)
         overlay = io.render_overlay(res.image, res.labels, res.class_names, palette=res.palette)
@@ -110,6 +111,14 @@ class DemoSession:
             for a in data["classes"]
         ]
         return overlay, heat, rows, str(mask_path), str(json_path)
+
+    def _request_dir(self) -> Path:
+        old = sorted(self.root.iterdir(), key=lambda p: p.stat().st_mtime)
+        for stale in old[: max(0, len(old) - _KEEP_REQUESTS + 1)]:
+            shutil.rmtree(stale, ignore_errors=True)
+        out = self.root / uuid.uuid4().hex
+        out.mkdir()
+        return out
 
 
 def _round(value: float | None) -> float | str:
