@@ -99,6 +99,21 @@ def test_batched_frames_equal_per_frame_predict(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[decided], ref.labels.numpy()[decided])
 
 
+def test_cli_unreadable_video_fails_alone(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    img = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)
+    out = tmp_path / "out"
+    argv = ["segment", str(bad), str(img), "--out", str(out), "--classes", "a; b", "--no-progress"]
+    argv += ["--model-config", str(tiny_config), "--model", TINY, "--pretrained", "none", "--device", "cpu"]
+    assert main([*argv, "--short-side", "32"]) == 1
+    assert "broken.mp4' cannot be read" in capsys.readouterr().err
+    assert (out / "ok_mask.png").is_file() and not (out / "broken_overlay.mp4").exists()
+
+
 def test_video_errors(tmp_path: Path) -> None:
     from naclip import video
 
