@@ -6,7 +6,8 @@ Usage::
     python -m bench.autograd_memory --cases N4097 [--modes fwdbwd] [--out bench/results]
     python -m bench.autograd_memory --report bench/results/attention_autograd_cpu.json
 
-Memory: growth of the process's resident set during the first call (``VmHWM`` after a reset, minus ``VmRSS``
+Memory: growth of the process's resident set during the first full-size call, after one tiny warm-up call
+(``VmHWM`` after a reset, minus ``VmRSS``
 before; ``bench.attention._cpu_peak_extra``), inputs excluded, everything the method allocates included
 (``sdpa_dense``: its ``[N, N]`` mask; backward: the gradients). Writes ``attention_autograd_memory_cpu.json``.
 ``--report`` writes ``attention_autograd_cpu.md`` / ``.png`` next to the benchmark JSON.
@@ -36,6 +37,9 @@ def _worker(case: str, mode: str, method: str) -> dict:
 
     torch.set_num_threads(THREADS)
     k, v, do, grid = make_inputs(case)
+    # one tiny call first: lazy imports, op registration and autograd start-up are not the method's memory
+    tiny = [t[:1, :, :5].contiguous() for t in (k, v, do)]
+    build(method, mode, *tiny, (2, 2))()
     peak, how = _cpu_peak_extra(lambda: build(method, mode, k, v, do, grid)())
     return {"peak_extra_mb": peak / 2**20, "mem_method": how}
 

@@ -1,4 +1,5 @@
-"""Command line: ``naclip segment | eval | score`` (console script ``naclip``, also ``python -m naclip``).
+"""Command line: ``naclip segment | demo | eval | score`` (console script ``naclip``, or ``python -m
+naclip``).
 
 ``naclip segment IMAGES_OR_DIRS (--classes "sky, cloud; tree; person" | --preset voc21 | --classes-file F)
 --out DIR`` segments every image (directories are scanned non-recursively for image files) and writes,
@@ -7,7 +8,13 @@ atomically and into ``--out`` only:
 * ``<stem>_mask.png``: palette PNG, pixel value = class index (255 = "unknown": below ``--prob-thd`` when no
   user class is a background; presets keep their class 0 background);
 * ``<stem>_overlay.png``: the image blended with the class colours, with a legend (``--no-overlay`` to skip);
-* ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``).
+* ``<stem>_probs.npy``: float32 ``[C, H, W]`` class probabilities (only with ``--probs``);
+* ``<stem>.json``: size, per-class pixels / fraction / mean probability and the settings (``--json``);
+* ``<stem>_heatmaps.png``: titled grid of the per-class probability maps with a colour bar (``--heatmaps``).
+
+A video input (:data:`naclip.video.VIDEO_SUFFIXES`) gives ``<stem>_overlay.mp4`` (same frame count, size and
+rate), ``<stem>_frames.json`` (per-frame class areas) and, with ``--frame-masks``,
+``<stem>_masks/NNNNNN_mask.png``; ``--batch`` frames go through the model at a time.
 
 An output path that is also an input is refused up front. Every check that needs no model (readable image,
 size against the model's patch and the pixel limit, class count, a creatable ``--out``) runs before the model
@@ -15,17 +22,21 @@ loads; ``--out`` is created only then and removed again if nothing was written. 
 segmented is reported and the others are still processed; the exit status is then 1. User errors (bad
 arguments, unknown preset, missing weights when offline, ...) print one ``error:`` line and exit with status
 2, without a traceback (set ``NACLIP_DEBUG=1`` to get tracebacks). ``eval`` and ``score`` come from
-:mod:`naclip.eval.cli`.
+:mod:`naclip.eval.cli`. ``naclip cache info|clear`` shows or deletes the on-disk text-feature cache
+(:mod:`naclip.text_cache`). ``naclip demo`` serves :mod:`naclip.demo` (the same model options,
+``--max-pixels``, ``--host``/``--port``/``--share``).
 
 Shared argparse helpers for both command lines (``naclip.eval.cli`` imports them from here): the option groups
-:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options),
-:func:`probability`, :func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`,
-:data:`MODES`, :data:`BACKENDS`, :data:`METHODS`.
+:func:`add_model_arguments` and :func:`add_inference_arguments` (the one home of those options), the text
+options (:func:`add_text_args`, :func:`templates_arg`, :func:`text_progress`), :func:`probability`,
+:func:`positive_int`, :func:`non_negative_int` and the choice tuples :data:`DTYPES`, :data:`MODES`,
+:data:`BACKENDS`, :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -253,6 +264,8 @@ def _add_segment_parser(subparsers) -> None:
         help=f"overlay opacity of the class colours, 0..1 (default {OVERLAY_ALPHA:g})",
     )
     p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy (float32 [C, H, W])")
+    p.add_argument("--json", action="store_true", help="also write <stem>.json (class areas and settings)")
+    p.add_argument("--heatmaps", action="store_true", help="also write <stem>_heatmaps.png (class maps)")
     p.add_argument(
         "--exif-orientation",
         action=argparse.BooleanOptionalAction,
@@ -268,8 +281,119 @@ def _add_segment_parser(subparsers) -> None:
         help="refuse images (and resized model inputs) with more than N pixels "
         f"(default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
     )
+    p.add_argument("--batch", type=positive_int, metavar="N", help="video frames per model batch (default 8)")
+    p.add_argument("--frame-masks", action="store_true", help="video: also write a mask PNG per frame")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_text_args(p)
     p.set_defaults(func=_run_segment)
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    """``--templates`` and ``--no-text-cache`` (shared by ``segment`` and ``eval``)."""
+    from naclip.text import TEMPLATE_SETS
+
+    p.add_argument(
+        "--templates",
+        metavar="NAME|FILE",
+        help="prompt templates: a built-in set (" + ", ".join(TEMPLATE_SETS) + "; default imagenet80, "
+        "NACLIP's) or a file with one template per line containing {}. CHANGES THE RESULT: other templates "
+        "give other text features",
+    )
+    p.add_argument(
+        "--no-text-cache",
+        action="store_true",
+        help="neither read nor write the on-disk text-feature cache ($NACLIP_CACHE_DIR, see naclip cache)",
+    )
+
+
+def templates_arg(value: str | None):
+    """``--templates``: ``None`` -> ``None`` (the default set), else :func:`naclip.text.load_templates`
+    (its ValueError becomes a :class:`UserError`)."""
+    if value is None:
+        return None
+    from naclip.text import load_templates
+
+    try:
+        return load_templates(value)
+    except ValueError as exc:
+        raise UserError(f"--templates: {exc}") from None
+
+
+@contextlib.contextmanager
+def text_progress(*, disable: bool, desc: str = "text features"):
+    """A ``progress(done, total)`` callback for :meth:`naclip.Segmenter.text_features` that draws a tqdm bar
+    on stderr from its first call (so nothing shows when every query comes from a cache)."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if disable:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="query", desc=desc, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _add_cache_parser(subparsers) -> None:
+    from naclip.text_cache import CACHE_ENV
+
+    p = subparsers.add_parser(
+        "cache",
+        help="show or clear the on-disk text-feature cache",
+        description=f"The text-feature cache lives in ${CACHE_ENV} (default ~/.cache/naclip; set it to the "
+        "empty string to turn the cache off).",
+    )
+    p.add_argument("action", choices=("info", "clear"), help="info: location, entries, sizes; clear: delete")
+    p.add_argument("--dir", metavar="DIR", help=f"cache folder (default: ${CACHE_ENV} or ~/.cache/naclip)")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from naclip.text_cache import CACHE_ENV, DiskTextCache, cache_root
+
+    root = Path(args.dir) if args.dir else cache_root()
+    if root is None:
+        print(f"naclip cache: off (${CACHE_ENV} is set to the empty string)")
+        return EXIT_OK
+    cache = DiskTextCache(root)
+    try:
+        lines = cache.clear_report() if args.action == "clear" else cache.info_report()
+    except OSError as exc:
+        raise UserError(f"cache {str(cache.text_dir)!r}: {exc}") from None
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _add_demo_parser(subparsers) -> None:
+    from naclip.io import DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser(
+        "demo",
+        help="serve a browser demo (Gradio, extra [demo])",
+        description="Serve a Gradio page to segment images interactively: upload, paste or capture an image, "
+        "type classes or pick a preset; overlay, heat maps, class areas, mask and JSON downloads. The model "
+        "is loaded once; nothing is sent anywhere but to the browser.",
+    )
+    add_model_arguments(p)
+    add_text_args(p)
+    p.add_argument(
+        "--max-pixels", type=non_negative_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"refuse images with more than N pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1 only)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument(
+        "--share", action="store_true", help="also open a public gradio.live tunnel (off by default; online)"
+    )
+    p.set_defaults(func=_run_demo)
 
 
 def _add_external_parsers(subparsers) -> None:
@@ -290,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_segment_parser(subparsers)
+    _add_demo_parser(subparsers)
     _add_external_parsers(subparsers)
+    _add_cache_parser(subparsers)
     return parser
 
 
@@ -325,7 +451,7 @@ def _read_classes_file(path: str):
 
 
 def _is_output_name(p: Path) -> bool:
-    return p.name.endswith(("_mask.png", "_overlay.png", "_probs.npy"))
+    return p.name.endswith(("_mask.png", "_overlay.png", "_probs.npy", "_heatmaps.png"))
 
 
 def collect_inputs(items: Sequence[str], *, skip_outputs_in: Path | None = None) -> list[Path]:
@@ -367,9 +493,14 @@ class OutputPaths:
     mask: Path
     overlay: Path | None
     probs: Path | None
+    json: Path | None = None
+    heatmaps: Path | None = None
 
 
-def plan_outputs(inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs: bool) -> list[OutputPaths]:
+def plan_outputs(
+    inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs: bool, json: bool = False,
+    heatmaps: bool = False,
+) -> list[OutputPaths]:  # fmt: skip
     """Output paths per input: ``<stem>_mask.png`` etc.; inputs sharing a stem get ``<stem>_<ext>[_n]``.
 
     Raises :class:`UserError` when an output path is one of the inputs (inputs are never overwritten).
@@ -391,11 +522,13 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, *, overlay: bool, probs:
                 mask=out_dir / f"{name}_mask.png",
                 overlay=out_dir / f"{name}_overlay.png" if overlay else None,
                 probs=out_dir / f"{name}_probs.npy" if probs else None,
+                json=out_dir / f"{name}.json" if json else None,
+                heatmaps=out_dir / f"{name}_heatmaps.png" if heatmaps else None,
             )
         )
     input_keys = {p.resolve() for p in inputs}
     for plan in plans:
-        for target in (plan.mask, plan.overlay, plan.probs):
+        for target in (plan.mask, plan.overlay, plan.probs, plan.json, plan.heatmaps):
             if target is not None and target.resolve() in input_keys:
                 raise UserError(
                     f"output {str(target)!r} would overwrite an input; choose another --out directory"
@@ -433,6 +566,7 @@ def _load_segmenter(args, config):
             checkpoint=checkpoint,
             backend=args.backend,  # None: $NACLIP_ATTN_BACKEND, else auto; an explicit value wins
             config=config,
+            text_cache=False if args.no_text_cache else None,
         )
     except WeightsUnavailableError as exc:
         raise UserError(str(exc)) from None
@@ -521,7 +655,12 @@ def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple
     bad = []
     for path in inputs:
         try:
-            h, w = probe_image(path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation)
+            if path.suffix.lower() in _video_suffixes():
+                h, w = _probe_video(path)
+            else:
+                h, w = probe_image(
+                    path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation
+                )
             check_input_size(
                 h, w, patch=None if patch is None else (patch, patch), short_side=short, long_side=long,
                 max_pixels=config.max_pixels,
@@ -558,18 +697,22 @@ def _run_segment(args) -> int:
     spec, preset = _resolve_class_args(args)
     _check_palette_classes(spec, preset)
     _register_model_config(args.model_config)
+    templates = templates_arg(args.templates)
     try:
         config = SegmentConfig(
             max_pixels=args.max_pixels or None,
             exif_orientation=args.exif_orientation,
             **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),
+            **({"templates": templates} if templates else {}),
         )
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs, skip_outputs_in=out_dir)
     _check_out_dir(out_dir)
-    plans = plan_outputs(inputs, out_dir, overlay=args.overlay, probs=args.probs)
+    plans = plan_outputs(
+        inputs, out_dir, overlay=args.overlay, probs=args.probs, json=args.json, heatmaps=args.heatmaps
+    )
     failures = _precheck_inputs(inputs, args, config, preset)
     for path, msg in failures:
         print(f"error: {path}: {msg}", file=sys.stderr)
@@ -590,15 +733,9 @@ def _run_segment(args) -> int:
 
 
 def _encode_text(seg, spec, args) -> None:
-    """Encode the class prompts once, before any image (cached by the Segmenter); a bar for long lists."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(spec.queries), unit="query", desc="text features", leave=False, file=sys.stderr,
-              disable=args.no_progress or len(spec.queries) < 32) as text_bar:  # fmt: skip
-
-        def progress(done: int, total: int) -> None:
-            text_bar.update(done - text_bar.n)
-
+    """Encode the class prompts once, before any image (cached by the Segmenter, in memory and on disk); the
+    bar shows from the first query encoded (nothing when every query comes from a cache)."""
+    with text_progress(disable=args.no_progress) as progress:
         try:
             seg.text_features(spec, progress=progress)
         except (ValueError, TypeError) as exc:
@@ -618,6 +755,11 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
         for path, plan in todo:
             bar.set_postfix_str(path.name, refresh=False)
             try:
+                if path.suffix.lower() in _video_suffixes():
+                    _segment_video(seg, path, plan, args, classes, preset, protect)
+                    written = True
+                    bar.update(1)
+                    continue
                 result = seg.predict(
                     path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
                     short_side=args.short_side, crop=args.crop, stride=args.stride,
@@ -628,6 +770,10 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
                     result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
                 if plan.probs is not None:
                     result.save_probs(plan.probs, protect=protect)
+                if plan.json is not None:
+                    result.save_json(plan.json, protect=protect)
+                if plan.heatmaps is not None:
+                    result.save_heatmaps(plan.heatmaps, protect=protect)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
                 if debug:
                     raise
@@ -638,6 +784,67 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
     finally:
         bar.close()
     return written
+
+
+def _run_demo(args) -> int:
+    from naclip import demo
+    from naclip.segmenter import SegmentConfig
+
+    try:
+        demo.require_gradio()
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    _register_model_config(args.model_config)
+    std = {"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}
+    templates = templates_arg(args.templates)
+    try:
+        config = SegmentConfig(
+            max_pixels=args.max_pixels or None, **std, **({"templates": templates} if templates else {})
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+    seg = _load_segmenter(args, config)
+    print(f"naclip demo: serving on http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        demo.launch(seg, host=args.host, port=args.port, share=args.share)
+    except (ValueError, TypeError, OSError) as exc:  # port out of range or in use
+        raise UserError(f"demo: {exc}") from None
+    return EXIT_OK
+
+
+def _video_suffixes() -> tuple[str, ...]:
+    from naclip.video import VIDEO_SUFFIXES
+
+    return VIDEO_SUFFIXES
+
+
+def _probe_video(path: Path) -> tuple[int, int]:
+    from naclip import video
+
+    try:
+        info = video.probe(path)
+    except ImportError as exc:  # PyAV missing: this input fails, the images are still processed
+        raise ValueError(str(exc)) from None
+    return info.height, info.width
+
+
+def _segment_video(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
+    """One video: ``<stem>_overlay.mp4``, ``<stem>_frames.json`` and with ``--frame-masks`` the masks."""
+    from tqdm.auto import tqdm
+
+    from naclip import outputs, video
+
+    base = plan.mask.with_name(plan.mask.name.removesuffix("_mask.png"))
+    total = video.probe(path).frames
+    with tqdm(total=total, unit="frame", desc=path.name, leave=False, file=sys.stderr,
+              disable=args.no_progress) as frames_bar:  # fmt: skip
+        report = video.segment_video(
+            seg, path, classes, overlay=f"{base}_overlay.mp4", protect=tuple(protect),
+            masks_dir=f"{base}_masks" if args.frame_masks else None, batch=args.batch or video.DEFAULT_BATCH,
+            progress=frames_bar.update, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
+            short_side=args.short_side, crop=args.crop, stride=args.stride,
+        )  # fmt: skip
+    outputs.save_json(f"{base}_frames.json", report, protect=protect)
 
 
 # ---------------------------------------------------------------------------------------------------- main

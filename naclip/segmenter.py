@@ -25,7 +25,22 @@ import torch
 
 from naclip import inference, io
 from naclip.presets import Preset, get_preset
-from naclip.text import TEMPLATES, ClassSpec, TextFeatureCache, encode_queries, parse_classes
+from naclip.text import (
+    TEMPLATES,
+    ClassSpec,
+    TextFeatureCache,
+    encode_queries,
+    parse_classes,
+    text_encoding_path,
+)
+from naclip.text_cache import (
+    DiskTextCache,
+    TextCacheContext,
+    cache_root,
+    encode_queries_cached,
+    tokenizer_digest,
+    weights_digest,
+)
 
 __all__ = [
     "DTYPES",
@@ -235,6 +250,8 @@ class SegmentationResult:
         palette: ``uint8 [256, 3]`` colours of the label values for the writers
             (:func:`naclip.io.label_palette`; ``None``: VOC). Labels may hold
             :data:`naclip.io.UNKNOWN_LABEL` (pixels below ``prob_thd`` when no user class is a background).
+        settings: the settings :meth:`Segmenter.predict` used (mode, PAMR, threshold, sizes, model, and
+            ``below_thd_label``, the label of pixels below the threshold), as written into :meth:`to_json`.
     """
 
     labels: torch.Tensor
@@ -244,6 +261,7 @@ class SegmentationResult:
     image: np.ndarray | None = field(default=None, repr=False)
     source: Path | None = None
     palette: np.ndarray | None = field(default=None, repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def _protect(self, protect: Iterable[os.PathLike | str]) -> list[os.PathLike | str]:
         return [*([self.source] if self.source is not None else []), *protect]
@@ -279,6 +297,49 @@ class SegmentationResult:
         """``probs`` as a float32 ``.npy`` ``[C, H, W]``, written atomically."""
         return io.save_probs(path, self.probs, protect=self._protect(protect))
 
+    def summary(self) -> dict[str, Any]:
+        """``{"height", "width", "classes": [{"index", "name", "pixels", "fraction", "mean_prob"}],
+        "settings"}`` (:func:`naclip.outputs.summary`: exact pixel counts, ``mean_prob`` over the class's
+        own pixels)."""
+        from naclip import outputs
+
+        return outputs.summary(self.labels, self.probs, self.class_names, self.settings)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """:meth:`summary` as JSON text."""
+        import json
+
+        return json.dumps(self.summary(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    def save_json(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """:meth:`summary` as a UTF-8 JSON file, written atomically."""
+        from naclip import outputs
+
+        return outputs.save_json(path, self.summary(), protect=self._protect(protect))
+
+    def save_heatmaps(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
+        """Titled grid of the per-class probability maps with a colour bar (PNG), written atomically
+        (:func:`naclip.outputs.render_heatmaps`)."""
+        from naclip import outputs
+
+        return outputs.save_heatmaps(
+            path, self.probs, self.class_names, labels=self.labels, protect=self._protect(protect)
+        )
+
+    def to_hf(self) -> list[dict[str, Any]]:
+        """transformers ``image-segmentation`` pipeline format: per class present, ``{"label", "score"
+        (mean probability over its pixels), "mask" (PIL "L", 255 on the class)}``."""
+        from naclip import outputs
+
+        return outputs.to_hf(self.labels, self.probs, self.class_names)
+
+    def to_supervision(self) -> Any:
+        """``supervision.Detections`` (masks, boxes, class ids, mean probabilities, class names) of the
+        classes present; needs the optional ``supervision`` package."""
+        from naclip import outputs
+
+        return outputs.to_supervision(self.labels, self.probs, self.class_names)
+
 
 def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
     """Move ``module`` in place to ``device`` and set its precision like open_clip's ``precision=``
@@ -299,6 +360,17 @@ def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: to
         from open_clip.model import convert_weights_to_lp
 
         convert_weights_to_lp(module, dtype=dtype)
+
+
+def _disk_cache(text_cache: str | os.PathLike | bool | None) -> DiskTextCache | None:
+    if text_cache is None or text_cache is True:
+        root = cache_root()
+        return None if root is None else DiskTextCache(root)
+    if text_cache is False:
+        return None
+    if isinstance(text_cache, str | os.PathLike) and os.fspath(text_cache).strip():
+        return DiskTextCache(text_cache)
+    raise TypeError(f"text_cache: expected None, a bool or a folder path, got {text_cache!r}")
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -327,7 +399,11 @@ class Segmenter:
             open_clip's mixed precision like ``from_pretrained``: linear/conv weights in ``dtype``,
             LayerNorm in fp32 (spec §1.5); ``None`` keeps the model's precision.
         config: :class:`SegmentConfig` with the defaults.
-        model_id: a name for the text-feature cache key (default: derived from the object).
+        model_id: a name for the in-memory text-feature cache key (default: derived from the object).
+        text_cache: persistent text-feature cache (:mod:`naclip.text_cache`): ``None`` = the default folder
+            (``$NACLIP_CACHE_DIR``, off when that is set to ""; else ``~/.cache/naclip``), a path = that
+            folder, ``False`` = off. Keyed by the text weights' hash, templates, dtype, ...: a hit gives the
+            same features as encoding.
     """
 
     def __init__(
@@ -343,6 +419,7 @@ class Segmenter:
         dtype: str | torch.dtype | None = None,
         config: SegmentConfig | None = None,
         model_id: str | None = None,
+        text_cache: str | os.PathLike | bool | None = None,
     ) -> None:
         from open_clip.transformer import VisionTransformer
 
@@ -389,6 +466,9 @@ class Segmenter:
         )
         self.model_id = model_id or f"{type(module).__name__}@{id(module):x}"
         self._text_cache = TextFeatureCache()
+        self._disk_cache = _disk_cache(text_cache)
+        self._text_model_name = model_id or type(module).__name__  # disk-cache key (with the weights' hash)
+        self._text_ctx: dict[tuple, TextCacheContext] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -416,7 +496,9 @@ class Segmenter:
         tag = str(checkpoint) if checkpoint is not None else str(pretrained)
         kw.setdefault("model_id", f"{model}/{tag}")
         # load_clip already placed the model and applied open_clip's mixed precision (LayerNorm kept in fp32).
-        return cls(clip_model, tokenizer, method=method, **kw)
+        seg = cls(clip_model, tokenizer, method=method, **kw)
+        seg._text_model_name = model  # the weights' hash identifies the file, not its path
+        return seg
 
     # ------------------------------------------------------------------ properties
     @property
@@ -452,9 +534,9 @@ class Segmenter:
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Text classifier of ``classes``: ``(features [Q, D] unit rows, query_to_class LongTensor [Q],
-        class_names)``; features are float32 on the model's device. Cached per (model, dtype, device,
-        templates, queries); ``progress(done, total)`` is called while queries are encoded (not on a
-        cache hit).
+        class_names)``; features are float32 on the model's device. Cached in memory per (model, dtype,
+        device, templates, queries) and, per query, on disk (``text_cache``); ``progress(done, total)`` is
+        called while the queries missing from both caches are encoded (``total`` = their number).
         """
         spec = parse_classes(classes)
         if self.clip_model is None or self.tokenizer is None:
@@ -464,19 +546,44 @@ class Segmenter:
             )
         templates = tuple(self.config.templates)
         key = (self.model_id, str(self.dtype), str(self.device), templates, spec.queries)
-        feats = self._text_cache.get_or_compute(
-            key,
-            lambda: encode_queries(
+
+        def encode(queries: list[str], report: Callable[[int, int], None] | None) -> torch.Tensor:
+            return encode_queries(
                 self.clip_model,
                 self.tokenizer,
-                list(spec.queries),
+                queries,
                 templates=templates,
                 queries_per_batch=self.config.text_batch,
-                progress=progress,
-            ),
-        )
+                progress=report,
+            )
+
+        def compute() -> torch.Tensor:
+            if self._disk_cache is None:
+                return encode(list(spec.queries), progress)
+            ctx = self._text_context(templates)
+            return encode_queries_cached(self._disk_cache, ctx, encode, spec.queries, progress=progress)
+
+        feats = self._text_cache.get_or_compute(key, compute)
         qidx = torch.tensor(spec.query_to_class, dtype=torch.long)
         return feats.to(self.device), qidx, list(spec.names)
+
+    def _text_context(self, templates: tuple[str, ...]) -> TextCacheContext:
+        """Disk-cache key of this model's text features (the weights are hashed once per Segmenter)."""
+        if templates not in self._text_ctx:
+            import open_clip
+
+            base = next(iter(self._text_ctx.values()), None)
+            self._text_ctx[templates] = TextCacheContext(
+                model=self._text_model_name,
+                weights_sha256=base.weights_sha256 if base else weights_digest(self.clip_model),
+                tokenizer_sha256=base.tokenizer_sha256 if base else tokenizer_digest(self.tokenizer),
+                templates=templates,
+                dtype=dtype_name(self.dtype),
+                device_type=self.device.type,
+                open_clip=open_clip.__version__,
+                encoding_path=text_encoding_path(self.clip_model)[0],
+            )
+        return self._text_ctx[templates]
 
     # ------------------------------------------------------------------ inference
     def predict(
@@ -560,6 +667,13 @@ class Segmenter:
         result.image = rgb
         result.source = source
         result.palette = io.label_palette(background=has_background)
+        result.settings = {
+            "model": self.model_id, "method": self.visual.strategy, "dtype": dtype_name(self.dtype),
+            "gaussian_std": self.visual.gaussian_std,
+            "preset": pre.name if pre is not None else None, "mode": mode, "pamr": use_pamr, "prob_thd": thd,
+            "short_side": short_side, "long_side": long_side, "crop": crop, "stride": stride,
+            "logit_scale": cfg.logit_scale, "templates": len(cfg.templates), "below_thd_label": below_label,
+        }  # fmt: skip
         return result
 
     @torch.inference_mode()

@@ -8,30 +8,39 @@
   names (after stripping) raise ``ValueError``.
 * **Templates**: the 80 OpenAI ImageNet prompt templates (``open_clip.OPENAI_IMAGENET_TEMPLATES``, e.g.
   ``"a bad photo of a {c}."``), identical in content and order to the official
-  ``prompts/imagenet_template.py``.
+  ``prompts/imagenet_template.py``. :func:`load_templates` reads another set (a built-in name of
+  :data:`TEMPLATE_SETS` or a file); other templates give other features.
 * **Classifier** (:func:`encode_queries`): per query, tokenize its 80 prompts -> ``encode_text`` ->
   L2-normalise each embedding -> mean over the templates -> L2-normalise again. Result ``[Q, D]`` (unit rows,
-  no logit scale). Queries are encoded in chunks of ``queries_per_batch`` (each chunk runs
-  ``80 · queries_per_batch`` prompts), an optional ``progress(done, total)`` callback is called after each
-  chunk. The library never prints.
-* **Cache** (:class:`TextFeatureCache`): keyed by (model id, dtype, device, tuple of query strings).
+  no logit scale). Causal open_clip text towers run only up to each batch's pooled (EOT) token, exactly
+  (:mod:`naclip.text_tower`); identical queries/prompts are encoded once. An optional ``progress(done,
+  total)`` callback is called after each chunk of queries. The library never prints.
+* **Cache** (:class:`TextFeatureCache`): in-memory LRU keyed by (model id, dtype, device, templates, queries);
+  the persistent on-disk cache is :mod:`naclip.text_cache`.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import open_clip
 import torch
 
+from naclip.text_tower import TextEncoder
+
 __all__ = [
     "TEMPLATES",
+    "TEMPLATE_SETS",
+    "load_templates",
     "ClassSpec",
     "parse_classes",
     "prompts_for",
     "encode_queries",
+    "text_encoding_path",
     "TextFeatureCache",
 ]
 
@@ -39,6 +48,51 @@ __all__ = [
 TEMPLATES: tuple[str, ...] = tuple(t("{c}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
 if len(TEMPLATES) != 80:  # pragma: no cover - guards against an open_clip change
     raise ImportError(f"open_clip.OPENAI_IMAGENET_TEMPLATES has {len(TEMPLATES)} templates; expected 80")
+
+
+#: Built-in template sets for ``--templates NAME``. Only ``imagenet80`` (the default) gives NACLIP's features;
+#: the others are faster to encode and give *other* features (and other segmentations).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet80": TEMPLATES,
+    "imagenet7": tuple(t("{c}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
+    "photo": ("a photo of a {c}.",),
+}
+
+
+def _check_template(t: str, where: str) -> str:
+    """``t`` with ``{}`` spelled ``{c}``; ValueError unless it has exactly one placeholder and no other
+    braces."""
+    c = t.replace("{}", "{c}")
+    if c.count("{c}") != 1 or c.replace("{c}", "").count("{") or c.replace("{c}", "").count("}"):
+        raise ValueError(f"{where}: expected exactly one '{{}}' and no other braces, got {t!r}")
+    return c
+
+
+def load_templates(spec: str | os.PathLike) -> tuple[str, ...]:
+    """Prompt templates from a built-in set name (:data:`TEMPLATE_SETS`) or a UTF-8 text file with one
+    template per line containing ``{}`` (or ``{c}``) where the class name goes; blank lines and lines
+    starting with ``#`` are skipped. ValueError for an unknown name, an unreadable/empty file or a bad
+    template line."""
+    name = os.fspath(spec)
+    if name in TEMPLATE_SETS:
+        return TEMPLATE_SETS[name]
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(
+            f"templates: {name!r} is neither a built-in set ({', '.join(TEMPLATE_SETS)}) nor an existing file"
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"templates: cannot read {name!r}: {exc}") from None
+    out = tuple(
+        _check_template(ln.strip(), f"templates: {name}:{i}")
+        for i, ln in enumerate(lines, 1)
+        if ln.strip() and not ln.lstrip().startswith("#")
+    )
+    if not out:
+        raise ValueError(f"templates: {name!r} holds no template lines")
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,7 +186,21 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.float32
 
 
-@torch.no_grad()
+def _unique(items: Sequence[str]) -> tuple[list[str], list[int]]:
+    """``(unique items in first-seen order, index of every item in that list)``."""
+    first: dict[str, int] = {}
+    inverse = [first.setdefault(s, len(first)) for s in items]
+    return list(first), inverse
+
+
+def text_encoding_path(model: torch.nn.Module) -> tuple[str, str]:
+    """``(path, reason)``: how :func:`encode_queries` runs ``model``'s text tower, ``"short-context"`` (exact
+    truncation after the pooled token) or ``"full-context"`` (plain ``encode_text``; ``reason`` says why)."""
+    enc = TextEncoder(model)
+    return enc.path, enc.reason
+
+
+@torch.inference_mode()
 def encode_queries(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -142,32 +210,37 @@ def encode_queries(
     queries_per_batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Text classifier ``[Q, D]`` (float32, unit rows) for ``queries`` with an open_clip CLIP ``model``.
+    """Text classifier ``[Q, D]`` (float32, unit rows, CPU) for ``queries`` with an open_clip ``model``.
 
     For each query: ``e_t = encode_text(tokenize(template_t(query)))``, ``e_t /= ||e_t||``, ``f = mean_t
-    e_t``, ``f /= ||f||``. ``queries_per_batch`` queries (``len(templates)`` prompts each) go through
-    ``encode_text`` at once; ``progress(done, total)`` is called after every chunk.
+    e_t``, ``f /= ||f||``. Identical queries and identical prompts are encoded once; on causal open_clip text
+    towers the transformer runs only up to the pooled (EOT) token of each batch (:mod:`naclip.text_tower`,
+    exact: equal to the full-context ``encode_text`` up to float rounding). ``queries_per_batch`` distinct
+    queries are tokenized and encoded together; ``progress(done, total)`` is called once with ``done = 0``
+    and after every such chunk (``total`` = number of distinct queries).
     """
     if isinstance(queries, str) or not queries:
         raise ValueError(f"queries: expected a non-empty list of str, got {queries!r}")
     if isinstance(queries_per_batch, bool) or not isinstance(queries_per_batch, int) or queries_per_batch < 1:
         raise ValueError(f"queries_per_batch: expected a positive int, got {queries_per_batch!r}")
-    if not templates:
-        raise ValueError("templates: expected at least one template")
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates: expected at least one template, got {templates!r}")
     device, _ = _model_device_dtype(model)
-    n_t = len(templates)
-    out = []
-    total = len(queries)
+    encoder = TextEncoder(model)
+    distinct, query_inverse = _unique(list(queries))
+    n_t, total, out = len(templates), len(distinct), []
+    if progress is not None:
+        progress(0, total)
     for start in range(0, total, queries_per_batch):
-        chunk = queries[start : start + queries_per_batch]
-        tokens = tokenizer([p for q in chunk for p in prompts_for(q, templates)]).to(device)
-        emb = model.encode_text(tokens).float()
+        chunk = distinct[start : start + queries_per_batch]
+        prompts, inverse = _unique([p for q in chunk for p in prompts_for(q, templates)])
+        emb = encoder.encode(tokenizer(prompts).to(device)).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
-        emb = emb.view(len(chunk), n_t, -1).mean(dim=1)
+        emb = emb[torch.tensor(inverse, device=emb.device)].view(len(chunk), n_t, -1).mean(dim=1)
         out.append(emb / emb.norm(dim=-1, keepdim=True))
         if progress is not None:
             progress(min(start + queries_per_batch, total), total)
-    return torch.cat(out, dim=0).cpu()
+    return torch.cat(out, dim=0).cpu()[torch.tensor(query_inverse)]
 
 
 class TextFeatureCache:

@@ -88,6 +88,7 @@ def torch_bwd(
     dq, dk, dv, (d_sig, d_bs) = torch_backward(
         dout, q, k, v, out, lse, spec, need_sigma=need_sigma, need_bias=need_bias
     )
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()  # the fake impl's layout
     return dq, dk, dv, _param_grad(d_sig, sigma, need_sigma, q), _param_grad(d_bs, bias_scale, need_bias, q)
 
 
@@ -107,9 +108,9 @@ def _(dout, q, k, v, out, lse, sigma, bias_scale, grid_hw, sv, bv, scale, P, nee
         return torch.empty_like(param) if need and param is not None else q.new_empty(0)
 
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
         pg(sigma, need_sigma),
         pg(bias_scale, need_bias),
     )

@@ -183,8 +183,7 @@ def flash_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias, budg
     R = band_split_radius(spec, params, "flash")
     acc = _acc_dtype(spec)
     dq = torch.empty(q.shape, dtype=acc, device=spec.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=spec.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=spec.device)
+    dk = dv = None  # the first full-width piece's own gradients become the accumulators (no extra copy)
     for s in range(0, spec.N, C):
         e = min(spec.N, s + C)
         pieces = key_pieces(spec, builder, s, e, R) if builder is not None else [(0, spec.N, None)]
@@ -197,6 +196,12 @@ def flash_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias, budg
                     lse[bs_, :, s:e], 0.0, False, attn_mask=m, scale=spec.scale,
                 )  # fmt: skip
                 dq_c = gq.to(acc) if dq_c is None else dq_c.add_(gq)
+                if dk is None and (a, b, bs_.start, bs_.stop) == (0, spec.N, 0, B) and gk.dtype == acc:
+                    dk, dv = gk, gv
+                    continue
+                if dk is None:
+                    dk = torch.zeros(k.shape, dtype=acc, device=spec.device)
+                    dv = torch.zeros(v.shape, dtype=acc, device=spec.device)
                 dk[bs_, :, a:b] += gk
                 dv[bs_, :, a:b] += gv
             dq[bs_, :, s:e] = dq_c

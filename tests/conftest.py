@@ -5,6 +5,7 @@
   (then the kernel compiles for the GPU) or the variable is already set.
 * The golden fixtures of the official implementation are read from ``../shared/reference/fixtures`` beside the
   repository root, or from ``$NACLIP_FIXTURES_DIR``. A missing fixtures directory is an error, never a skip.
+* ``NACLIP_CACHE_DIR`` is set to "" (the on-disk text-feature cache off) unless a test passes a folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl")
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The persistent text-feature cache is off in tests (never the user's folder, no order dependence); the cache
+# tests pass their own folder.
+os.environ["NACLIP_CACHE_DIR"] = ""
 
 import pytest  # noqa: E402
 from naclip_test_support import CLASSNAMES_DIR, FIXTURES_DIR  # noqa: E402

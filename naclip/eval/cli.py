@@ -31,7 +31,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from naclip.cli import add_inference_arguments, add_model_arguments, non_negative_int, positive_int
+from naclip.cli import (
+    add_inference_arguments,
+    add_model_arguments,
+    add_text_args,
+    non_negative_int,
+    positive_int,
+    text_progress,
+)
 from naclip.segmenter import dtype_name, resolve_dtype
 
 __all__ = ["add_eval_parser", "add_score_parser", "main", "run_eval", "run_score"]
@@ -99,6 +106,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also write each predicted label map as DIR/<image stem>.png (class ids; for naclip score)",
     )
+    add_text_args(p)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -202,6 +210,8 @@ def resolve_settings(args, preset) -> dict:
         "gaussian_std": PAPER_SETTINGS["gaussian_std"] if args.gaussian_std is None else args.gaussian_std,
         "preset": preset.name,
     }
+    if args.templates is not None:  # only then: the fingerprint of a default run stays as it was
+        s["templates"] = _templates_setting(args.templates)
     if args.paper:
         fixed = {
             "--model": (args.model, PAPER_SETTINGS["model"]),
@@ -214,6 +224,7 @@ def resolve_settings(args, preset) -> dict:
             "--stride": (args.stride, PAPER_SETTINGS["stride"]),
             "--gaussian-std": (args.gaussian_std, PAPER_SETTINGS["gaussian_std"]),
             "--model-config": (args.model_config, None),
+            "--templates": (args.templates, None),
         }
         bad = [
             f"{k} {v!r} (paper: {want!r})" for k, (v, want) in fixed.items() if v is not None and v != want
@@ -223,11 +234,25 @@ def resolve_settings(args, preset) -> dict:
     return s
 
 
+def _templates_setting(value: str) -> str:
+    """``--templates`` as a fingerprint value: the set name, or the file name and its content's SHA-256."""
+    from naclip.text import TEMPLATE_SETS
+
+    if value in TEMPLATE_SETS:
+        return value
+    try:
+        digest = hashlib.sha256(Path(value).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise EvalUserError(f"--templates: cannot read {value!r}: {e}") from None
+    return f"{value} (sha256 {digest})"
+
+
 def _build_predictor(settings: dict, args, device: str):
     """(predict(image) -> labels, segmenter) for the settings; model errors become EvalUserError."""
     import torch
 
-    from naclip.segmenter import Segmenter
+    from naclip.segmenter import SegmentConfig, Segmenter
+    from naclip.text import load_templates
 
     if args.model_config:
         cfg = Path(args.model_config)
@@ -240,6 +265,10 @@ def _build_predictor(settings: dict, args, device: str):
     if ckpt is not None and not Path(ckpt).is_file():
         raise EvalUserError(f"--checkpoint {ckpt!r} does not exist")
     pretrained = None if str(settings["pretrained"]).lower() in ("none", "") else settings["pretrained"]
+    try:
+        templates = load_templates(args.templates) if args.templates is not None else None
+    except ValueError as e:
+        raise EvalUserError(f"--templates: {e}") from None
     torch.manual_seed(args.seed)
     try:
         seg = Segmenter.from_pretrained(
@@ -251,6 +280,8 @@ def _build_predictor(settings: dict, args, device: str):
             checkpoint=ckpt,
             backend=args.backend,  # None = the library default ($NACLIP_ATTN_BACKEND, else "auto")
             gaussian_std=settings["gaussian_std"],
+            config=SegmentConfig(templates=templates) if templates else None,
+            text_cache=False if args.no_text_cache else None,
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         # RuntimeError covers naclip.hub.WeightsUnavailableError (offline, no local checkpoint).
@@ -401,6 +432,10 @@ def _run_eval(args) -> int:
         extra["seed"] = args.seed
     fp = _fingerprint(dataset, settings, extra)
     progress = _progress_default(args.progress)
+    t0 = time.perf_counter()
+    with text_progress(disable=not progress or rank != 0) as text_bar:  # before the image bar starts
+        seg.text_features(preset.classes, progress=text_bar)
+    t_text = time.perf_counter() - t0
     if rank == 0:
         print(
             f"naclip eval: {dataset.spec.title}, {len(dataset)} images in {dataset.root}; "
@@ -427,7 +462,7 @@ def _run_eval(args) -> int:
     if args.paper:
         value, source = paper_miou(name, settings["pamr"])
         paper = {"mIoU": value, "source": source}
-    timing = dict(outcome.timing, model_load_s=t_load)
+    timing = dict(outcome.timing, model_load_s=t_load, text_features_s=t_text)
     config = dict(
         settings, paper=bool(args.paper), dtype=dtype, device=device, seed=args.seed, workers=args.workers
     )

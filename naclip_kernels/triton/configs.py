@@ -49,9 +49,7 @@ BWD_CONFIGS: dict[str, list[dict[str, int]]] = {
     "dkdv": [
         {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    ],
+    ],  # BLOCK_M = 64 spilled on sm_80 (triton 3.8) even without the bias: docs/kernel.md
     "dq": [
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
@@ -64,6 +62,10 @@ BWD_CONFIGS: dict[str, list[dict[str, int]]] = {
 INTERPRETER_CONFIG: dict[str, int] = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 #: With the bias on, configs with more score elements per thread than this spill (docs/kernel.md).
 BIAS_MAX_SCORES_PER_THREAD = 32
+#: fp16/bf16 bias configs measured to spill at D=64 without the gather branch (triton 3.6, ``report``), as
+#: ``(kernel, BLOCK_M, BLOCK_N, num_warps, num_stages)``; kernel "dq-grad" is dq with bias gradients.
+SPILLS_WITHOUT_BRANCH = {("fwd", 64, 64, 4, 3), ("dq", 64, 64, 4, 2), ("dq-grad", 64, 32, 4, 2)}
+_BWD_HEURISTIC = {"dkdv": 1, "dq": 2}  # fp16/bf16 index in BWD_CONFIGS without autotuning (fp32: 0)
 _SMEM_BUDGET = 160 * 1024  # the sm_80 limit (163 KB) minus a margin
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _ELEM_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
@@ -161,6 +163,13 @@ def config_allowed(
             smem += 4 * bm * bn * (stages - 1)  # cp.async staging buffers of the pipelined gather
     if smem > _SMEM_BUDGET or (elem == 4 and (bn > 64 or bm > 64)):
         return False
+    if (
+        elem == 2
+        and has_bias
+        and not gather_branch
+        and ("fwd", bm, bn, warps, stages) in SPILLS_WITHOUT_BRANCH
+    ):
+        return False
     if n_bucket(n) <= 128 and bm > 64:
         return False
     if bd > 64 and bm * bn > 128 * 64 and warps < 8:
@@ -177,11 +186,13 @@ def bwd_config_allowed(
     has_bias: bool,
     n: int,
     bias_grad: bool = False,
+    gather_branch: bool | None = None,
 ) -> bool:
     """Whether the backward autotuner may launch ``config`` (a ``BWD_CONFIGS[kernel]`` entry) for ``kernel``
     ``"dkdv"`` or ``"dq"``: shared-memory estimate within 160 KB (resident tiles + staged tiles + the bias
     tile's conversion), fp32 tiles at most 64x64, the forward's score-elements-per-thread cap with the bias,
-    and half that cap for the dq kernel's three gathers with ``bias_grad`` (32 spill on sm_80)."""
+    half that cap for the dq kernel's three gathers with ``bias_grad`` (32 spill on sm_80), and without the
+    gather branch (``gather_branch``, default: the installed triton's) the :data:`SPILLS_WITHOUT_BRANCH`."""
     if kernel not in BWD_CONFIGS:
         raise ValueError(f"kernel must be one of {sorted(BWD_CONFIGS)}; got {kernel!r}")
     _check(config, dtype, head_dim, n)
@@ -193,6 +204,16 @@ def bwd_config_allowed(
     if smem > _SMEM_BUDGET or (elem == 4 and (bn > 64 or bm > 64)):
         return False
     if n_bucket(n) <= 128 and resident > 64:
+        return False
+    if gather_branch is None:
+        gather_branch = installed_gather_branch(dtype)
+    name = f"{kernel}-grad" if bias_grad else kernel
+    if (
+        elem == 2
+        and has_bias
+        and not gather_branch
+        and (name, bm, bn, warps, stages) in SPILLS_WITHOUT_BRANCH
+    ):
         return False
     cap = BIAS_MAX_SCORES_PER_THREAD // (2 if bias_grad and kernel == "dq" else 1)
     return not (has_bias and bm * bn > cap * 32 * warps)
@@ -225,7 +246,7 @@ def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, n: int, has_bi
         return None
     if kernel == "fwd":
         return heuristic_config(dtype, head_dim, n, has_bias=has_bias)
-    return dict(BWD_CONFIGS[kernel][0]) if dtype == torch.float32 else dict(BWD_CONFIGS[kernel][2])
+    return dict(BWD_CONFIGS[kernel][0 if dtype == torch.float32 else _BWD_HEURISTIC[kernel]])
 
 
 def _pruner(kernel: str):

@@ -7,6 +7,7 @@ kernels when they are called from the ops in :mod:`.ops`). Table layout: ``docs/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -160,29 +161,23 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     return reasons
 
 
-def _launch(kernel: str, autotuned, raw, n_rows_block: str, args: tuple, meta: dict, *, dtype, n: int, dev):
+def _launch(
+    kernel: str, autotuned, raw, n_rows_block: str, args: tuple, meta: dict, *, dtype, n: int, bh: int, dev
+):
     """Launch ``raw`` with the fixed config (interpreter, ``NACLIP_TRITON_AUTOTUNE=0``) or ``autotuned``;
-    ``n_rows_block`` names the block dimension one program covers (``BLOCK_M`` or ``BLOCK_N``)."""
+    ``n_rows_block`` names the block dimension one program covers (``BLOCK_M`` or ``BLOCK_N``); the grid is
+    ``(bh * cdiv(n, block),)`` with ``bh = B * H``."""
     cfg = configs.launch_config(kernel, dtype, meta["HEAD_DIM"], n, meta["HAS_BIAS"])
-    rows = args[-1]  # B * H
-    with torch.cuda.device(dev) if dev.type == "cuda" else _null():
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if cfg is None:
-            grid = lambda m: (rows * triton.cdiv(n, m[n_rows_block]),)  # noqa: E731
-            wrap_triton(autotuned)[grid](*args[:-1], **meta)
+            grid = lambda m: (bh * triton.cdiv(n, m[n_rows_block]),)  # noqa: E731
+            wrap_triton(autotuned)[grid](*args, **meta)
         else:
-            grid = (rows * triton.cdiv(n, cfg[n_rows_block]),)
+            grid = (bh * triton.cdiv(n, cfg[n_rows_block]),)
             wrap_triton(raw)[grid](
-                *args[:-1], **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                *args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )  # fmt: skip
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _meta(q: torch.Tensor, has_bias: bool, q_is_k: bool) -> dict:
@@ -208,10 +203,21 @@ def run_fwd(
     args = (
         q, k, v, out, lse, table, rows, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         BiasTables.stride(table), BiasTables.stride(rows),
-        H, N, configs.n_bucket(N), num_prefix, gh, gw, float(scale) * _bias.LOG2E, B * H,
+        H, N, configs.n_bucket(N), num_prefix, gh, gw, float(scale) * _bias.LOG2E,
     )  # fmt: skip
     meta = {**_meta(q, has_bias, q_is_k), "STORE_LSE": store_lse}
-    _launch("fwd", _FWD_AUTOTUNED, attn_fwd_kernel, "BLOCK_M", args, meta, dtype=q.dtype, n=N, dev=q.device)
+    _launch(
+        "fwd",
+        _FWD_AUTOTUNED,
+        attn_fwd_kernel,
+        "BLOCK_M",
+        args,
+        meta,
+        dtype=q.dtype,
+        n=N,
+        bh=B * H,
+        dev=q.device,
+    )
     return out, lse
 
 
@@ -227,7 +233,7 @@ def run_bwd(
     pre_block = 32 if configs.interpreting() else 64
     pre = (out, do, delta, *out.stride(), *do.stride(), H, N)
     pre_grid = (B * H * triton.cdiv(N, pre_block),)
-    with torch.cuda.device(dev) if dev.type == "cuda" else _null():
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         wrap_triton(attn_bwd_preprocess_kernel)[pre_grid](
             *pre, HEAD_DIM=D, BLOCK_M=pre_block, BLOCK_D=configs.block_d(D)
         )
@@ -236,17 +242,37 @@ def run_bwd(
     dsg, dsgd2 = (torch.empty(sums, dtype=torch.float32, device=dev) for _ in range(2))
     gh, gw = grid_hw
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    scalars = (H, N, configs.n_bucket(N), num_prefix, gh, gw, float(scale) * _bias.LOG2E, float(scale), B * H)
+    scalars = (H, N, configs.n_bucket(N), num_prefix, gh, gw, float(scale) * _bias.LOG2E, float(scale))
     t_strides = (BiasTables.stride(table), BiasTables.stride(rows))
     meta = _meta(q, has_bias, q_is_k)
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, table, rows, *strides, *t_strides, *scalars)
     _launch(
-        "dkdv", _DKDV_AUTOTUNED, attn_bwd_dkdv_kernel, "BLOCK_N", dkdv_args, meta, dtype=q.dtype, n=N, dev=dev
+        "dkdv",
+        _DKDV_AUTOTUNED,
+        attn_bwd_dkdv_kernel,
+        "BLOCK_N",
+        dkdv_args,
+        meta,
+        dtype=q.dtype,
+        n=N,
+        bh=B * H,
+        dev=dev,
     )
     dq_args = (
         q, k, v, do, dq, lse, delta, table, rows, g_table, gd2_table, dsg, dsgd2, *strides, *t_strides,
         BiasTables.stride(g_table), *scalars,
     )  # fmt: skip
     dq_meta = {**meta, "BIAS_GRAD": bias_grad}
-    _launch("dq", _DQ_AUTOTUNED, attn_bwd_dq_kernel, "BLOCK_M", dq_args, dq_meta, dtype=q.dtype, n=N, dev=dev)
+    _launch(
+        "dq",
+        _DQ_AUTOTUNED,
+        attn_bwd_dq_kernel,
+        "BLOCK_M",
+        dq_args,
+        dq_meta,
+        dtype=q.dtype,
+        n=N,
+        bh=B * H,
+        dev=dev,
+    )
     return dq, dk, dv, dsg, dsgd2

@@ -127,10 +127,14 @@ PARAM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2])
-@pytest.mark.parametrize(
-    ("sigma", "bias_scale"), [c[1:] for c in PARAM_CASES], ids=[c[0] for c in PARAM_CASES]
-)
+# Every parameter shape in fp32; the per-head sigma case also in fp16 (and bf16 on CUDA).
+PARAM_RUNS = [pytest.param(*c[1:], torch.float32, id=f"{c[0]}-fp32") for c in PARAM_CASES] + [
+    pytest.param(*PARAM_CASES[0][1:], p.values[0], id=f"{PARAM_CASES[0][0]}-{p.id}", marks=p.marks)
+    for p in DTYPES[1:]
+]
+
+
+@pytest.mark.parametrize(("sigma", "bias_scale", "dtype"), PARAM_RUNS)
 def test_sigma_and_bias_scale_grads(sigma, bias_scale, dtype):
     grid, P, H = (6, 7), 1, 3
     N = P + grid[0] * grid[1]
@@ -242,3 +246,20 @@ def test_float64_is_refused_with_a_reason():
     assert any("float64" in r for r in reasons)
     with pytest.raises(ValueError, match="float64"):
         gaussian_attention(x, x, x, (2, 2), 1.0, backend="triton")
+
+
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
+)
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["fixed", "learnt"])
+def test_fixed_backward_configs_are_admitted(monkeypatch, kernel, dtype, bias_grad):
+    """Without autotuning (NACLIP_TRITON_AUTOTUNE=0 on a GPU) each backward kernel gets an admitted config."""
+    from naclip_kernels.triton import configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setenv("NACLIP_TRITON_AUTOTUNE", "0")
+    for D, n in ((64, 197), (128, 16385)):
+        cfg = configs.launch_config(kernel, dtype, D, n, True)
+        kw = {"dtype": dtype, "head_dim": D, "has_bias": True, "n": n}
+        assert configs.bwd_config_allowed(cfg, kernel=kernel, **kw, bias_grad=bias_grad), (cfg, D)

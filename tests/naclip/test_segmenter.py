@@ -152,9 +152,9 @@ def test_text_progress_callback(tok):
     s = Segmenter(tiny_clip(1), tok, config=SegmentConfig(text_batch=2))
     calls = []
     s.predict(_image(), "a; b; c", pamr=False, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(2, 3), (3, 3)]
+    assert calls == [(0, 3), (2, 3), (3, 3)]
     s.predict(_image(), "a; b; c", pamr=False, progress=lambda d, t: calls.append((d, t)))
-    assert len(calls) == 2  # cached: no encoding
+    assert len(calls) == 3  # cached: no encoding
 
 
 def test_default_arch_and_method(tok):

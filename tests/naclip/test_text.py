@@ -138,7 +138,7 @@ def test_encode_queries_matches_per_query_formula_and_chunking(clip_and_tokenize
     assert out.shape == (4, 32) and out.dtype == torch.float32
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     assert torch.allclose(out.norm(dim=-1), torch.ones(4), atol=1e-5)
-    assert calls == [(3, 4), (4, 4)]
+    assert calls == [(0, 4), (3, 4), (4, 4)]
     one = encode_queries(model, tok, queries, queries_per_batch=1)
     assert torch.allclose(one, out, atol=1e-5)
 
