@@ -433,7 +433,7 @@ class Segmenter:
     ) -> None:
         from open_clip.transformer import VisionTransformer
 
-        from naclip.methods import METHODS, build_visual
+        from naclip.methods import METHODS, build_visual, method_config
 
         if not isinstance(clip_model, torch.nn.Module):
             raise TypeError(f"clip_model: expected an open_clip CLIP model, got {type(clip_model).__name__}")
@@ -456,7 +456,7 @@ class Segmenter:
             )
         spec = METHODS.get(method, METHODS["naclip"])
         if config is None:
-            config = SegmentConfig(**spec.config)
+            config = SegmentConfig(**method_config(method))
         elif not isinstance(config, SegmentConfig):
             raise TypeError(f"config: expected a SegmentConfig, got {type(config).__name__}")
         self.config = config

@@ -263,8 +263,13 @@ def build_visual(
     params = dict(params or {})
     if name not in METHODS and name in STRATEGIES:
         method, extra = METHODS["naclip"], {"strategy": name}
+    elif name in METHODS:
+        method, extra = METHODS[name], {}
     else:
-        method, extra = get_method(name), {}
+        raise ValueError(
+            f"method: expected one of {', '.join(METHOD_NAMES)} or an ablation strategy "
+            f"({', '.join(s for s in STRATEGIES if s not in METHODS)}), got {name!r}"
+        )
     unknown = sorted(set(params) - set(method.params))
     if unknown:
         raise ValueError(
@@ -272,6 +277,13 @@ def build_visual(
             f"got unknown {unknown}"
         )
     return method.builder(visual, arch=arch, gaussian_std=gaussian_std, backend=backend, **extra, **params)
+
+
+def method_config(name: str | None) -> dict[str, Any]:
+    """The :class:`naclip.segmenter.SegmentConfig` overrides of method ``name`` (its official segmentor
+    defaults; ``{}`` for NACLIP, its ablation strategies and ``None``)."""
+    method = METHODS.get(name) if name is not None else None
+    return dict(method.config) if method is not None else {}
 
 
 def method_preset(name: str, preset):
