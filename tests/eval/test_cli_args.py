@@ -65,8 +65,8 @@ def test_dtype_reaches_segmenter(tmp_path, captured_from_pretrained, extra, expe
 
 def test_choice_lists_are_the_libraries():
     from naclip.inference import MODES
-    from naclip.segmenter import dtype_name, resolve_dtype
     from naclip.methods import METHOD_NAMES
+    from naclip.segmenter import dtype_name, resolve_dtype
     from naclip.strategies import STRATEGIES
     from naclip_kernels.api import BACKENDS
 
