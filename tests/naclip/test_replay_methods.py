@@ -1,5 +1,5 @@
-"""The golden fixtures of ClearCLIP, SCLIP, ResCLIP and SC-CLIP (official code on the tiny ViT) replayed through
-naclip's methods: every case on the torch backend, a small subset on Triton (interpreter on CPU)."""
+"""The golden fixtures of ClearCLIP, SCLIP, ResCLIP and SC-CLIP (official code on the tiny ViT) replayed
+through naclip's methods: every case on the torch backend, a small subset on Triton (interpreter on CPU)."""
 
 from __future__ import annotations
 
