@@ -42,7 +42,7 @@ class Preset:
     stride: int | None = None
     logit_scale: float | None = None
     area_thd: float | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -282,6 +282,14 @@ class ResclipVisual(NaclipVisual):
             )
         return out
 
+    def forward_last_block(self, x: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        """Not available alone (the method's last block needs more than its input); use
+        :meth:`forward_intermediates` and its ``pre_ln_post``."""
+        raise TypeError(
+            f"{type(self).__name__}.forward_last_block: this method's last block needs more than its input; "
+            "use forward_intermediates (its 'pre_ln_post')"
+        )
+
     # ------------------------------------------------------------------ forward
     def forward_intermediates(self, images: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """Everything of one forward: ``dense`` ``[B, T, D]``, ``last_block_in`` / ``pre_ln_post`` ``[B, T,

@@ -197,6 +197,14 @@ class ScclipVisual(NaclipVisual):
         block = self.visual.transformer.resblocks[-1]
         return finish_block(block, x, last_block_attention(block, x, attend, needs_query=False), "reduced")
 
+    def forward_last_block(self, x: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        """Not available alone (the method's last block needs more than its input); use
+        :meth:`forward_intermediates` and its ``pre_ln_post``."""
+        raise TypeError(
+            f"{type(self).__name__}.forward_last_block: this method's last block needs more than its input; "
+            "use forward_intermediates (its 'pre_ln_post')"
+        )
+
     def forward_intermediates(self, images: Tensor) -> dict[str, Tensor]:
         """Every stage: ``dense``, ``pre_ln_post``, ``outliers`` ``[B, N]``, ``lof``, ``mid_simi``,
         ``last_attn_out``, ``multi_attn_out`` (without the ``res_cls`` term) and ``block_outputs``."""

@@ -258,3 +258,10 @@ def test_segmenter_applies_preset_params_explicit_ones_win():
     seg.predict(torch.zeros(64, 80, 3, dtype=torch.uint8), preset="voc20")
     assert seg.visual.temp_thd == 0.42 and seg.visual.rcs_weights == (2.0, 0.6)
     assert Segmenter(clip, None, method="clearclip").config.logit_scale == 50.0
+
+
+@pytest.mark.parametrize("name", ["resclip", "scclip"])
+def test_stage_methods_refuse_a_bare_last_block(visual, name):
+    nv = build_visual(name, visual)
+    with pytest.raises(TypeError, match="forward_intermediates"):
+        nv.forward_last_block(torch.zeros(1, 17, 64), (4, 4))
