@@ -7,7 +7,7 @@ pytest-benchmark suite, not part of the normal test run (``testpaths = tests``):
 
 Model: random-init open_clip ``ViT-B-16`` (``pretrained=None``), float32, ``torch`` backend, 2 threads, 21
 random unit query features, PAMR off, each method's own post-processing style. Cases: ``whole`` 336x448,
-``slide`` 336x448 (224/112, 6 crops; ClearCLIP's official 448/224 crop is not used, so the work is comparable),
+``slide`` 336x448 (224/112, 6 crops; ClearCLIP's official 448/224 crop is not used: comparable work),
 ``single`` 1024x1024 (4096 patches, one pass). Per case the peak RSS above the RSS before the call (``VmHWM``
 reset, one untimed call that is also the warm-up) and the median of the timed rounds are recorded; the summary
 ``bench/results/methods_cpu.json`` has the machine, versions, git sha, load average and every ratio to NACLIP.
