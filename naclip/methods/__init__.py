@@ -190,7 +190,8 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "ResCLIP (CVPR 2025)",
                 "yvhangyang/ResCLIP@0e085f7",
                 "NACLIP + RCS (mean attention of intermediate blocks) + SFR (bias from a first pass + PAMR)",
-                "a second last-block pass, first-pass PAMR, |S| fused attentions, a dense N x N SFR softmax",
+                "a second last-block pass, first-pass PAMR, one fused attention per RCS layer, "
+                "a dense N x N SFR softmax",
                 _resclip,
                 config={**_SLIDE, "logit_scale": 40.0},
                 presets=_resclip_presets(),
