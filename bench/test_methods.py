@@ -27,6 +27,7 @@ from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, wr
 METHODS = ("naclip", "clearclip", "sclip", "resclip", "scclip")
 CASES = {"whole": ((336, 448), 3), "slide": ((336, 448), 3), "single": ((1024, 1024), 1)}
 RESULTS: dict[str, dict] = {}
+_START_LOAD = os.getloadavg()
 OUT = os.path.join(os.path.dirname(__file__), "results", "methods_cpu.json")
 
 
@@ -51,6 +52,7 @@ def _write_summary() -> None:
             row["time_vs_naclip"] = round(row["median_s"] / base["median_s"], 3)
             row["peak_vs_naclip"] = round(row["peak_rss_mb"] / max(base["peak_rss_mb"], 1e-9), 3)
     meta = machine_info("cpu")
+    meta["loadavg_at_start"] = _START_LOAD  # machine_info's value is the load at this write
     meta["loadavg_at_end"] = os.getloadavg()
     meta["note"] = "shared machine: absolute times vary with load, ratios within this run are what count"
     write_text(OUT, json.dumps({"meta": meta, "results": RESULTS}, indent=1) + "\n")
