@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from naclip.inference import MODES as _MODES
+from naclip.methods import METHOD_NAMES as _METHOD_NAMES
 from naclip.segmenter import DTYPES as _SEG_DTYPES
 from naclip.segmenter import Segmenter as _Segmenter
 from naclip.strategies import STRATEGIES as _STRATEGIES
@@ -78,7 +79,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DTYPES: tuple[str, ...] = tuple(_SEG_DTYPES)
 MODES: tuple[str, ...] = tuple(_MODES)
 BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
-METHODS: tuple[str, ...] = tuple(_STRATEGIES)
+#: methods (:data:`naclip.methods.METHODS`), then the remaining ablation strategies.
+METHODS: tuple[str, ...] = tuple(dict.fromkeys([*_METHOD_NAMES, *_STRATEGIES]))
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
 
@@ -174,7 +176,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="register an extra open_clip model config file (its file stem becomes a --model name)",
     )
     p.add_argument(
-        "--method", choices=METHODS, help=f"attention strategy of the last block (default {lib['method']})"
+        "--method",
+        choices=METHODS,
+        help="method: naclip, clearclip, sclip, resclip, scclip (their official settings per preset), or a "
+        f"last-block ablation strategy (default {lib['method']})",
     )
     p.add_argument(
         "--gaussian-std",
@@ -692,6 +697,7 @@ def _report(done: int, total: int, out_dir: Path, failures: list[tuple[Path, str
 
 
 def _run_segment(args) -> int:
+    from naclip.methods import method_config
     from naclip.segmenter import SegmentConfig
 
     spec, preset = _resolve_class_args(args)
@@ -700,6 +706,7 @@ def _run_segment(args) -> int:
     templates = templates_arg(args.templates)
     try:
         config = SegmentConfig(
+            **method_config(args.method),  # the method's official defaults (ClearCLIP: logit scale 50, ...)
             max_pixels=args.max_pixels or None,
             exif_orientation=args.exif_orientation,
             **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),

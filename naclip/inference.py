@@ -26,7 +26,8 @@ Reproduces the official NACLIP pipeline (spec §2.2-§2.5):
   guided by the normalised image resized to ``ori_shape`` (a ``RuntimeError`` such as an OOM skips PAMR with a
   warning); ``softmax(logit_scale · logits)`` over queries; per class the **max** over its queries (synonyms);
   argmax; pixels whose max class probability is ``< prob_thd`` get class 0; probabilities renormalised to sum
-  1 over classes. Post-processing runs in float32.
+  1 over classes (``renormalize=False`` skips this, ``area_thd`` adds SCLIP's area filter). Post-processing
+  runs in float32.
 """
 
 from __future__ import annotations
@@ -205,32 +206,49 @@ def _patch_size(visual: object) -> tuple[int, int]:
     return (int(p[0]), int(p[1]))
 
 
-def dense_logits(visual: VisualFn, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Cosine logits at input resolution: ``[B, 3, h, w]`` -> ``[B, Q, h, w]`` (model dtype).
+def dense_logits(
+    visual: VisualFn, images: torch.Tensor, text: torch.Tensor, *, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Cosine logits: ``[B, 3, h, w]`` -> ``[B, Q, *size]`` (model dtype; ``size`` default ``(h, w)``).
 
-    ``feats = visual(images)[:, 1:]`` (CLS dropped) ``/ ||feats||`` per patch, ``@ text.T`` (``text`` ``[Q,
-    D]``, cast to the features' dtype and device), reshaped row-major to ``[B, Q, gh, gw]`` with ``gh = h //
-    ph``, ``gw = w // pw``, then bilinear (``align_corners=False``) to ``(h, w)``.
+    ``feats = visual(images)[:, P:]`` (the ``P = visual.num_prefix_tokens`` prefix rows dropped, default 1 =
+    CLS; a visual with ``needs_text`` true is called as ``visual(images, text)``) ``/ ||feats||`` per patch,
+    ``@ text.T`` (``text`` ``[Q, D]``, cast to the features' dtype and device), reshaped row-major to ``[B, Q,
+    gh, gw]`` with ``gh = h // ph``, ``gw = w // pw``, then bilinear (``align_corners=False``) to ``size``.
     """
     ph, pw = _patch_size(visual)
     b, _, h, w = images.shape
     gh, gw = h // ph, w // pw
-    feats = visual(images)
-    if feats.ndim != 3 or feats.shape[0] != b or feats.shape[1] != 1 + gh * gw:
+    prefix = int(getattr(visual, "num_prefix_tokens", 1))
+    feats = visual(images, text) if getattr(visual, "needs_text", False) else visual(images)
+    if feats.ndim != 3 or feats.shape[0] != b or feats.shape[1] != prefix + gh * gw:
         raise RuntimeError(
             f"visual returned shape {tuple(feats.shape)}; "
-            f"expected [{b}, {1 + gh * gw}, D] for a {h}x{w} input"
+            f"expected [{b}, {prefix + gh * gw}, D] for a {h}x{w} input"
         )
-    feats = feats[:, 1:]
+    feats = feats[:, prefix:]
     feats = feats / feats.norm(dim=-1, keepdim=True)
     logits = feats @ text.to(device=feats.device, dtype=feats.dtype).T  # [B, N, Q]
     logits = logits.permute(0, 2, 1).reshape(b, -1, gh, gw)
-    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=size or (h, w), mode="bilinear", align_corners=False)
 
 
-def whole_logits(visual: VisualFn, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Whole-image (or single-pass) logits ``[1, Q, H, W]`` in float32."""
-    return dense_logits(visual, image, text).float()
+def _pad_to_patch(batch: torch.Tensor, patch: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """ClearCLIP's crop padding: zeros to the next multiple of the patch, ``left = pad_w // 2``, ``top =
+    pad_h // 2`` (the rest right / bottom). Returns the padded batch and ``(top, left)``."""
+    h, w = batch.shape[-2:]
+    pad_h, pad_w = -h % patch[0], -w % patch[1]
+    if not (pad_h or pad_w):
+        return batch, (0, 0)
+    top, left = pad_h // 2, pad_w // 2
+    return F.pad(batch, (left, pad_w - left, top, pad_h - top)), (top, left)
+
+
+def whole_logits(
+    visual: VisualFn, image: torch.Tensor, text: torch.Tensor, *, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Whole-image (or single-pass) logits ``[1, Q, H, W]`` in float32 (``[1, Q, *size]`` when given)."""
+    return dense_logits(visual, image, text, size=size).float()
 
 
 def crops_per_chunk(
@@ -266,13 +284,15 @@ def slide_logits(
     stride: int = 112,
     memory_budget: int = 2 << 30,
     max_batch: int | None = None,
+    pad_crops: bool = False,
 ) -> torch.Tensor:
     """Sliding-window logits ``[1, Q, H, W]`` (float32): average of the window logits (spec §2.4).
 
     Every window's logits (already at window size) are added into a zero canvas and a count map; the result is
     ``sum / count``. Crops are grouped by shape and run in batches of :func:`crops_per_chunk` (or
     ``max_batch``) crops; batching does not change the result since every image in a batch is processed
-    independently.
+    independently. ``pad_crops``: each crop is zero-padded to a patch multiple (:func:`_pad_to_patch`) and
+    its logits cut back to the crop (ClearCLIP) instead of stretching the patch grid over it.
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"image: expected [1, 3, H, W], got {tuple(image.shape)}")
@@ -292,7 +312,12 @@ def slide_logits(
         for start in range(0, len(wins), chunk):
             part = wins[start : start + chunk]
             batch = torch.cat([image[:, :, w.y1 : w.y2, w.x1 : w.x2] for w in part], dim=0)
-            out = dense_logits(visual, batch, text).float()
+            top, left = 0, 0
+            if pad_crops:
+                batch, (top, left) = _pad_to_patch(batch, _patch_size(visual))
+            out = dense_logits(visual, batch, text).float()[
+                :, :, top : top + shape[0], left : left + shape[1]
+            ]
             if acc is None:
                 acc = torch.zeros((1, out.shape[1], height, width), dtype=torch.float32, device=out.device)
                 count = count.to(out.device)
@@ -314,9 +339,12 @@ def infer_logits(
     stride: int = 112,
     memory_budget: int = 2 << 30,
     max_batch: int | None = None,
+    pad_crops: bool = False,
+    whole_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logits ``[1, Q, H, W]`` (float32) of a normalised image ``[1, 3, H, W]`` for ``mode`` in
-    :data:`MODES`."""
+    :data:`MODES`. ``pad_crops``: see :func:`slide_logits`; ``whole_size``: whole / single modes resize the
+    patch logits straight to this size (ClearCLIP / SCLIP / SC-CLIP resize once, to the output size)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3):
@@ -332,9 +360,16 @@ def infer_logits(
         if min(crop, h) < ph or min(crop, w) < pw:
             raise ValueError(f"crop: {crop} is smaller than one {ph}x{pw} patch")
         return slide_logits(
-            visual, image, text, crop=crop, stride=stride, memory_budget=memory_budget, max_batch=max_batch
+            visual,
+            image,
+            text,
+            crop=crop,
+            stride=stride,
+            memory_budget=memory_budget,
+            max_batch=max_batch,
+            pad_crops=pad_crops,
         )
-    return whole_logits(visual, image, text)
+    return whole_logits(visual, image, text, size=whole_size)
 
 
 def postprocess(
@@ -349,6 +384,8 @@ def postprocess(
     prob_thd: float = 0.0,
     logit_scale: float = LOGIT_SCALE,
     below_thd_label: int = 0,
+    area_thd: float | None = None,
+    renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow] int64, probs [C, oh, ow] float32)`` (spec §2.5).
 
@@ -363,6 +400,9 @@ def postprocess(
         prob_thd: background threshold in ``[0, 1]``; logit_scale: softmax temperature (a finite number).
         below_thd_label: the label of pixels below ``prob_thd`` (``0``, the official background class;
             :class:`naclip.Segmenter` passes another for user classes without a background).
+        area_thd: SCLIP's area filter (``None`` = off): every class ``c >= 1`` whose argmax area is ``<=
+            area_thd * (area of all classes >= 1)`` gets ``P[c] = 0`` before the argmax.
+        renormalize: divide ``P`` by its sum over classes (NACLIP); ``False`` returns ``P`` as is.
 
     With ``L = bilinear(logits, ori_shape, align_corners=False)`` (float32), optionally
     ``L = pamr(bilinear(image, ori_shape), L, pamr_steps, pamr_dilations)`` (on a ``RuntimeError`` such as
@@ -391,6 +431,7 @@ def postprocess(
     thd = _check_probability("prob_thd", prob_thd)
     if isinstance(below_thd_label, bool) or not isinstance(below_thd_label, int) or below_thd_label < 0:
         raise ValueError(f"below_thd_label: expected an int >= 0, got {below_thd_label!r}")
+    area = None if area_thd is None else _check_probability("area_thd", area_thd)
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, int | float):
         raise TypeError(
             f"logit_scale: expected a finite number, got {type(logit_scale).__name__} {logit_scale!r}"
@@ -432,11 +473,22 @@ def postprocess(
         index = qidx.view(-1, 1, 1).expand_as(probs)
         cls_probs.scatter_reduce_(0, index, probs, "amax", include_self=True)
         probs = cls_probs
+    if area is not None:
+        probs = _area_filter(probs, area)
     top = probs.max(dim=0).values
     labels = probs.argmax(dim=0)
     labels[top < thd] = below_thd_label
-    probs = probs / probs.sum(dim=0, keepdim=True)
+    if renormalize:
+        probs = probs / probs.sum(dim=0, keepdim=True)
     return labels.cpu(), probs.cpu()
+
+
+def _area_filter(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
+    """SCLIP's ``area_thd``: zero the probabilities of every class ``c >= 1`` whose argmax area is ``<=
+    area_thd * (total argmax area of classes >= 1)`` (class 0, the background, is never removed)."""
+    area = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0]).to(probs.dtype)
+    keep = (area[1:] > area_thd * area[1:].sum()).to(probs.dtype)
+    return torch.cat([probs[:1], probs[1:] * keep.view(-1, 1, 1)], dim=0)
 
 
 def _as_int(value: object) -> object:

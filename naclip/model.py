@@ -151,7 +151,7 @@ def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
     return reasons
 
 
-def _sdpa_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+def _sdpa_block_forward(block: nn.Module, x: Tensor, qk_out: list | None = None) -> Tensor:
     """One pre-LN CLIP block on batch-first tokens ``x`` ``[B, T, E]`` -> ``[B, T, E]`` (same dtype).
 
     Exactly the block's own math, on its own parameters (only for blocks where
@@ -164,6 +164,8 @@ def _sdpa_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     q, k, v are strided ``[B, H, T, D]`` views of the one ``in_proj`` output (no copies). On CPU SDPA runs
     its flash kernel (tiled online softmax), so no ``T x T`` buffer exists; memory is ``O(T*E)`` apart from
     the MLP hidden ``[B, T, mlp_width]``. Prefix (CLS) tokens are ordinary tokens here, as in open_clip.
+    ``qk_out``: a list to which ``(q, k)`` of this block (``[B, H, T, D]`` views) are appended (ResCLIP's RCS
+    reuses the attention of intermediate blocks, :mod:`naclip.methods.resclip`).
     """
     attn = block.attn
     b, t, e = x.shape
@@ -172,6 +174,8 @@ def _sdpa_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, T, 3E]
     q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D], strided views
     out = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, D]
+    if qk_out is not None:
+        qk_out.append((q, k))
     del qkv, q, k, v
     out = attn.out_proj(out.transpose(1, 2).reshape(b, t, e))  # merge heads: channel h*D + j
     x = x + block.ls_1(out)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
+from typing import Any
 
 from naclip.text import ClassSpec, parse_classes
 
@@ -36,6 +37,12 @@ class Preset:
     long_side: int = 2048
     mode: str = "slide"
     pamr: bool = True
+    #: method-specific settings (``naclip.methods.method_preset``); ``None`` = the SegmentConfig default
+    crop: int | None = None
+    stride: int | None = None
+    logit_scale: float | None = None
+    area_thd: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:

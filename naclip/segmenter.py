@@ -124,6 +124,7 @@ class SegmentConfig:
         logit_scale: softmax temperature (40 in NACLIP).
         gaussian_std: std of NACLIP's Gaussian attention bias in patch units (5 in NACLIP; the default of
             :class:`Segmenter`'s ``gaussian_std``).
+        area_thd: SCLIP's area filter (``None`` = off; :func:`naclip.inference.postprocess`).
         max_pixels: limit on ``H·W`` of the input image and of the resized model input (``None``: no limit).
         exif_orientation: turn image files upright by their EXIF Orientation tag (see
             :func:`naclip.io.load_image`); ``False`` keeps the pixels as stored.
@@ -145,6 +146,7 @@ class SegmentConfig:
     prob_thd: float = 0.0
     logit_scale: float = inference.LOGIT_SCALE
     gaussian_std: float = 5.0
+    area_thd: float | None = None
     max_pixels: int | None = io.DEFAULT_MAX_PIXELS
     exif_orientation: bool = True
     memory_budget: int = 2 << 30
@@ -169,6 +171,8 @@ class SegmentConfig:
         ):
             raise ValueError(f"pamr_dilations: expected positive ints, got {self.pamr_dilations!r}")
         _check_prob_thd(self.prob_thd)
+        if self.area_thd is not None:
+            inference._check_probability("area_thd", self.area_thd)
         if self.max_pixels is not None:
             _check_int("max_pixels", self.max_pixels, 1)
         _check_int("memory_budget", self.memory_budget, 1)
@@ -388,17 +392,22 @@ class Segmenter:
             :meth:`predict_from_features` works). Moved in place to ``device`` / ``dtype`` when given.
         tokenizer: the open_clip tokenizer of the model (``open_clip.get_tokenizer(name)``), or ``None`` for a
             bare image tower.
-        method: attention strategy of the last block, one of :data:`naclip.strategies.STRATEGIES`
-            (``naclip`` = NACLIP; ``kk``, ``nonly``, ``vanilla``, ``csa`` for ablations/SCLIP).
-        arch: last-block architecture ``"reduced"`` or ``"vanilla"``; ``None`` picks the strategy's required
-            arch (``csa`` -> ``vanilla``) or else ``reduced`` (NACLIP).
-        gaussian_std: Gaussian std in patch units (``naclip``/``nonly``); ``None``: ``config.gaussian_std``.
+        method: a method of :data:`naclip.methods.METHODS` (``naclip``, ``clearclip``, ``sclip``,
+            ``resclip``, ``scclip``) or an ablation strategy of :data:`naclip.strategies.STRATEGIES` (``kk``,
+            ``nonly``, ``vanilla``, ``csa``, ``qq``: NACLIP's pipeline with that last-block attention).
+        arch: last-block architecture ``"reduced"`` or ``"vanilla"``; ``None`` picks the method's (SCLIP /
+            ``csa`` -> ``vanilla``, else ``reduced``).
+        gaussian_std: Gaussian std in patch units (``naclip``/``nonly``/``resclip``); ``None``:
+            ``config.gaussian_std``.
+        method_params: the method's parameters (:attr:`naclip.methods.Method.params`, e.g. ResCLIP's
+            ``rcs=False`` or ``rcs_layers``); they win over a preset's per-dataset values.
         backend: ``naclip_kernels`` backend (``None`` = global default: Triton on CUDA, PyTorch on CPU).
         device, dtype: where/how to run; the model is moved in place. ``dtype`` (anything
             :func:`resolve_dtype` takes: ``"fp32"``, ``"fp16"``, ``"bf16"``, a torch dtype) applies
             open_clip's mixed precision like ``from_pretrained``: linear/conv weights in ``dtype``,
             LayerNorm in fp32 (spec §1.5); ``None`` keeps the model's precision.
-        config: :class:`SegmentConfig` with the defaults.
+        config: :class:`SegmentConfig` with the defaults; ``None`` = the method's official segmentor
+            defaults (:attr:`naclip.methods.Method.config`, e.g. ClearCLIP's logit scale 50, crop 448).
         model_id: a name for the in-memory text-feature cache key (default: derived from the object).
         text_cache: persistent text-feature cache (:mod:`naclip.text_cache`): ``None`` = the default folder
             (``$NACLIP_CACHE_DIR``, off when that is set to ""; else ``~/.cache/naclip``), a path = that
@@ -414,6 +423,7 @@ class Segmenter:
         method: str = "naclip",
         arch: str | None = None,
         gaussian_std: float | None = None,
+        method_params: dict[str, Any] | None = None,
         backend: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -423,8 +433,7 @@ class Segmenter:
     ) -> None:
         from open_clip.transformer import VisionTransformer
 
-        from naclip.model import NaclipVisual
-        from naclip.strategies import get_strategy
+        from naclip.methods import METHODS, build_visual, method_config
 
         if not isinstance(clip_model, torch.nn.Module):
             raise TypeError(f"clip_model: expected an open_clip CLIP model, got {type(clip_model).__name__}")
@@ -445,25 +454,28 @@ class Segmenter:
             raise TypeError(
                 f"tokenizer: expected a callable open_clip tokenizer, got {type(tokenizer).__name__}"
             )
+        spec = METHODS.get(method, METHODS["naclip"])
         if config is None:
-            config = SegmentConfig()
+            config = SegmentConfig(**method_config(method))
         elif not isinstance(config, SegmentConfig):
             raise TypeError(f"config: expected a SegmentConfig, got {type(config).__name__}")
         self.config = config
         self.tokenizer = tokenizer
-        if arch is None:
-            arch = get_strategy(method).required_arch or "reduced"
         torch_dtype = resolve_dtype(dtype)
         module = self.clip_model if self.clip_model is not None else visual
         _place(module, device, torch_dtype)
         module.eval()
-        self.visual = NaclipVisual(
+        self.visual = build_visual(
+            method,
             visual,
             arch=arch,
-            strategy=method,
             gaussian_std=config.gaussian_std if gaussian_std is None else gaussian_std,
             backend=backend,
+            params=method_params,
         )
+        self.method, self.style = method, spec.style
+        self._explicit_params = dict(method_params or {})
+        self._default_params = {k: getattr(self.visual, k) for k in spec.params}
         self.model_id = model_id or f"{type(module).__name__}@{id(module):x}"
         self._text_cache = TextFeatureCache()
         self._disk_cache = _disk_cache(text_cache)
@@ -486,7 +498,7 @@ class Segmenter:
         """Load an open_clip model with :func:`naclip.hub.load_clip` (downloads into the standard cache; a
         clear ``WeightsUnavailableError`` when offline) and wrap it. ``pretrained=None`` gives random weights;
         ``checkpoint`` a local weights file. ``kw`` go to :class:`Segmenter` (``arch``, ``gaussian_std``,
-        ``backend``, ``config``)."""
+        ``method_params``, ``backend``, ``config``)."""
         from naclip.hub import load_clip
 
         torch_dtype = resolve_dtype(dtype)
@@ -512,7 +524,7 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (
-            f"Segmenter(model_id={self.model_id!r}, method={self.visual.strategy!r}, "
+            f"Segmenter(model_id={self.model_id!r}, method={self.method!r}, "
             f"arch={self.visual.arch!r}, "
             f"gaussian_std={self.visual.gaussian_std!r}, device={str(self.device)!r}, dtype={self.dtype})"
         )
@@ -611,10 +623,14 @@ class Segmenter:
         arguments override (``None`` = preset or :class:`SegmentConfig` default). Returns labels/probs at the
         original size.
         """
+        from naclip.methods import method_preset
+
         cfg = self.config
         pre = get_preset(preset) if isinstance(preset, str) else preset
         if pre is not None and not isinstance(pre, Preset):
             raise TypeError(f"preset: expected a preset name or Preset, got {type(preset).__name__}")
+        if pre is not None:
+            pre = method_preset(self.method, pre)
         spec = self._resolve_classes(classes, pre)
         mode = mode if mode is not None else (pre.mode if pre is not None else cfg.mode)
         if mode not in inference.MODES:
@@ -633,8 +649,15 @@ class Segmenter:
             long_side = pre.long_side if pre is not None else cfg.long_side
         else:
             _check_int("long_side", long_side, 1)
-        crop = cfg.crop if crop is None else crop
-        stride = cfg.stride if stride is None else stride
+        crop = crop if crop is not None else (pre.crop if pre is not None and pre.crop else cfg.crop)
+        stride = (
+            stride if stride is not None else (pre.stride if pre is not None and pre.stride else cfg.stride)
+        )
+        scale = pre.logit_scale if pre is not None and pre.logit_scale is not None else cfg.logit_scale
+        area_thd = pre.area_thd if pre is not None and pre.area_thd is not None else cfg.area_thd
+        if self._default_params:  # the preset's per-dataset method parameters, explicit ones winning
+            preset_params = dict(pre.params) if pre is not None else {}
+            self.visual.configure(**{**self._default_params, **preset_params, **self._explicit_params})
         _check_int("crop", crop, 1)
         _check_int("stride", stride, 1)
 
@@ -661,6 +684,8 @@ class Segmenter:
             class_names=list(spec.names),
             crop=crop,
             stride=stride,
+            logit_scale=scale,
+            area_thd=area_thd,
             return_logits=return_logits,
             below_thd_label=below_label,
         )
@@ -693,6 +718,7 @@ class Segmenter:
         crop: int = 224,
         stride: int = 112,
         logit_scale: float | None = None,
+        area_thd: float | None = None,
         return_logits: bool = False,
         below_thd_label: int = 0,
     ) -> SegmentationResult:
@@ -710,6 +736,7 @@ class Segmenter:
             prob_thd: background threshold; num_classes: default ``max(query_idx) + 1``.
             class_names: display names (default ``"class_<i>"``).
             crop, stride: sliding window geometry; logit_scale: default ``SegmentConfig.logit_scale`` (40).
+            area_thd: SCLIP's area filter (``None`` = off).
             return_logits: keep the raw logits ``[Q, H, W]`` (for slide: the window average) in the result.
             below_thd_label: label of pixels below ``prob_thd`` (default 0, the official background class).
         """
@@ -741,6 +768,8 @@ class Segmenter:
             crop=crop,
             stride=stride,
             memory_budget=self.config.memory_budget,
+            pad_crops=self.style.pad_crops,
+            whole_size=tuple(int(v) for v in ori_shape) if self.style.whole_to_output else None,
         )
         labels, probs = inference.postprocess(
             logits,
@@ -753,6 +782,8 @@ class Segmenter:
             prob_thd=thd,
             logit_scale=scale,
             below_thd_label=below_thd_label,
+            area_thd=area_thd,
+            renormalize=self.style.renormalize,
         )
         n_cls = probs.shape[0]
         if class_names is None:

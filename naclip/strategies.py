@@ -15,6 +15,7 @@ kk         ``softmax(scale * K K^T)``                                          K
 nonly      ``softmax(s * G)``, ``s = scale * mean_{h,i,j} |q_i| |k_j|``        Q, K, V, ``gaussian_std > 0``
 vanilla    ``softmax(scale * Q K^T)``                                          Q, K, V
 csa        ``softmax(scale * Q Q^T) + softmax(scale * K K^T)`` (SCLIP)         Q, K, V, ``arch='vanilla'``
+qq         ``softmax(scale * Q Q^T)`` (ClearCLIP)                              Q, V
 =========  ==================================================================  ==============================
 
 The output is ``A V`` per head. ``csa`` rows sum to 2 (not renormalised, as in the official code).
@@ -88,6 +89,10 @@ def _csa(q, k, v, grid_hw, gaussian_std, backend):
     return out_q + out_k
 
 
+def _qq(q, k, v, grid_hw, gaussian_std, backend):
+    return naclip_kernels.gaussian_attention(q, q, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
+
+
 def _nonly(q, k, v, grid_hw, gaussian_std, backend):
     # Logits are 0 * (K K^T) + s_b * G: the kernel's plain path with scale 0 and bias_scale s_b. bias_scale is
     # a Python float in the kernel API, so each image is its own call (views, no copies).
@@ -125,6 +130,10 @@ def _probs_csa(q, k, grid_hw, gaussian_std):
     return naclip_kernels.reference_attention_probs(
         q, q, grid_hw, None, num_prefix_tokens=1
     ) + naclip_kernels.reference_attention_probs(k, k, grid_hw, None, num_prefix_tokens=1)
+
+
+def _probs_qq(q, k, grid_hw, gaussian_std):
+    return naclip_kernels.reference_attention_probs(q, q, grid_hw, None, num_prefix_tokens=1)
 
 
 def _probs_nonly(q, k, grid_hw, gaussian_std):
@@ -213,6 +222,9 @@ STRATEGIES: dict[str, AttentionStrategy] = {
             _csa,
             _probs_csa,
             "(softmax(scale*Q Q^T) + softmax(scale*K K^T)) V (SCLIP; arch='vanilla' only)",
+        ),
+        AttentionStrategy(
+            "qq", True, False, None, _qq, _probs_qq, "softmax(scale*Q Q^T) V (ClearCLIP, query-query)"
         ),
     )
 }

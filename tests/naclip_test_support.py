@@ -12,6 +12,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(
     os.environ.get("NACLIP_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "reference" / "fixtures")
 ).resolve()
+ADDONS_DIR = Path(
+    os.environ.get("NACLIP_ADDONS_DIR", REPO_ROOT.parent / "shared" / "reference" / "addons")
+).resolve()
 CLASSNAMES_DIR = Path(
     os.environ.get("NACLIP_CLASSNAMES_DIR", REPO_ROOT.parent / "shared" / "reference" / "classnames")
 ).resolve()

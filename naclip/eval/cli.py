@@ -8,7 +8,9 @@ evaluates NACLIP on a benchmark split and writes ``results.json``, ``results.md`
 (:mod:`naclip.presets`: classes, ``prob_thd``, resize, mode, PAMR). ``--paper`` pins every setting to the
 paper's (OpenAI ViT-B/16, ``naclip`` attention, the preset, slide 224/112, PAMR 10 it. (8, 16), fp16 on CUDA
 unless ``--dtype``) and refuses flags that would change them, except ``--no-pamr``, which selects the paper's
-"no post-processing" row; the reported mIoU is printed beside ours.
+"no post-processing" row; the reported mIoU is printed beside ours. ``--method M`` (``clearclip``, ``sclip``,
+``resclip``, ``scclip``) evaluates another method with its official per-dataset settings
+(:func:`naclip.methods.method_preset`); with ``--paper`` its reported number (``n/r`` when absent) is printed.
 
 A run killed at any moment resumes when started again with the same ``--out`` (progress in
 ``--out/progress``); ``torchrun --nproc_per_node K -m naclip.eval ...`` splits the images over K ranks (NCCL
@@ -194,19 +196,26 @@ def _open_dataset(args, pred_dir=None):
 
 
 def resolve_settings(args, preset) -> dict:
-    """Effective settings (explicit flags > paper / preset > library defaults); EvalUserError on conflicts."""
+    """Effective settings (explicit flags > paper / the method's preset > library defaults); EvalUserError on
+    conflicts."""
+    from naclip.methods import method_preset
+
+    method = args.method or PAPER_SETTINGS["method"]
+    preset = method_preset(method, preset)  # the method's official per-dataset settings
+    crop = preset.crop or PAPER_SETTINGS["crop"]
+    stride = preset.stride or PAPER_SETTINGS["stride"]
     pamr = preset.pamr if args.pamr is None else args.pamr
     s = {
         "model": args.model or PAPER_SETTINGS["model"],
         "pretrained": args.pretrained or PAPER_SETTINGS["pretrained"],
         "checkpoint": args.checkpoint,
-        "method": args.method or PAPER_SETTINGS["method"],
+        "method": method,
         "mode": args.mode or preset.mode,
         "pamr": bool(pamr),
         "prob_thd": preset.prob_thd if args.prob_thd is None else args.prob_thd,
         "short_side": args.short_side or preset.short_side,
-        "crop": args.crop or PAPER_SETTINGS["crop"],
-        "stride": args.stride or PAPER_SETTINGS["stride"],
+        "crop": args.crop or crop,
+        "stride": args.stride or stride,
         "gaussian_std": PAPER_SETTINGS["gaussian_std"] if args.gaussian_std is None else args.gaussian_std,
         "preset": preset.name,
     }
@@ -216,12 +225,11 @@ def resolve_settings(args, preset) -> dict:
         fixed = {
             "--model": (args.model, PAPER_SETTINGS["model"]),
             "--pretrained": (args.pretrained, PAPER_SETTINGS["pretrained"]),
-            "--method": (args.method, PAPER_SETTINGS["method"]),
             "--mode": (args.mode, preset.mode),
             "--prob-thd": (args.prob_thd, preset.prob_thd),
             "--short-side": (args.short_side, preset.short_side),
-            "--crop": (args.crop, PAPER_SETTINGS["crop"]),
-            "--stride": (args.stride, PAPER_SETTINGS["stride"]),
+            "--crop": (args.crop, crop),
+            "--stride": (args.stride, stride),
             "--gaussian-std": (args.gaussian_std, PAPER_SETTINGS["gaussian_std"]),
             "--model-config": (args.model_config, None),
             "--templates": (args.templates, None),
@@ -460,7 +468,7 @@ def _run_eval(args) -> int:
         return EXIT_OK
     paper = None
     if args.paper:
-        value, source = paper_miou(name, settings["pamr"])
+        value, source = paper_miou(name, settings["pamr"], settings["method"])
         paper = {"mIoU": value, "source": source}
     timing = dict(outcome.timing, model_load_s=t_load, text_features_s=t_text)
     config = dict(

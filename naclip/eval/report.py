@@ -175,8 +175,9 @@ def markdown_table(results: dict) -> str:
     paper = results.get("paper")
     if paper:
         head += " paper mIoU | Δ |"
-        delta = None if results["mIoU"] is None else results["mIoU"] - paper["mIoU"]
-        row += f" {paper['mIoU']:.2f} | {'n/a' if delta is None else f'{delta:+.2f}'} |"
+        ref = paper["mIoU"]
+        delta = None if results["mIoU"] is None or ref is None else results["mIoU"] - ref
+        row += f" {'n/r' if ref is None else f'{ref:.2f}'} | {'n/a' if delta is None else f'{delta:+.2f}'} |"
         sep += "---:|---:|"
     lines += [head, sep, row, ""]
     if paper:

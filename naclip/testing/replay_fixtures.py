@@ -24,6 +24,11 @@ kind               computed with
 ``pamr``           :func:`naclip.pamr.pamr`
 =================  ===================================================================================
 
+A manifest with a ``method`` field other than NACLIP (the ``../shared/reference/addons/<method>`` fixtures of
+ClearCLIP, SCLIP, ResCLIP and SC-CLIP) runs its ``dense_forward``, ``dense_forward_raises`` and ``pipeline``
+cases through the method adapters of :mod:`naclip.testing.replay_methods`. The manifest's ``weights`` field
+(default ``weights.safetensors``) is a path relative to the manifest.
+
 One line is printed per case with its maximum absolute difference (and, for label maps, the number of
 mismatched pixels), then ``N cases, M failed, max abs diff X``. The exit status is 1 when any case exceeds the
 manifest's fp32 tolerance (``|actual - expected| <= atol + rtol * |expected|``; label maps must match exactly)
@@ -58,10 +63,18 @@ __all__ = [
     "summary_line",
 ]
 
-CASE_KINDS = ("dense_forward", "pos_embed", "gaussian_bias", "kernel", "pipeline", "pamr")
+CASE_KINDS = (
+    "dense_forward",
+    "dense_forward_raises",
+    "pos_embed",
+    "gaussian_bias",
+    "kernel",
+    "pipeline",
+    "pamr",
+)
 BACKENDS = ("reference", "torch", "triton")
 _DEFAULT_TOL = 1e-4
-_LABEL_OUTPUTS = frozenset({"pred"})
+_LABEL_OUTPUTS = frozenset({"pred", "patch_logit_temp", "outlier_indices"})
 
 
 class FixturesError(ValueError):
@@ -127,7 +140,8 @@ def load_manifest(fixtures_dir: str | os.PathLike) -> dict:
 
 def _fp32_tolerance(manifest: dict) -> tuple[float, float]:
     """(atol, rtol) of the manifest's fp32 recommendation (default 1e-4 / 1e-4)."""
-    rec = manifest.get("tolerances", {}).get("recommended", {})
+    tol = manifest.get("tolerances", {})
+    rec = {**tol.get("recommended", {}), **{k: v for k, v in tol.items() if k.lower().startswith("fp32")}}
     for key, val in rec.items():
         if key.lower().startswith("fp32") and isinstance(val, dict) and "atol" in val:
             return float(val["atol"]), float(val.get("rtol", val["atol"]))
@@ -163,6 +177,12 @@ class _Tensors:
         if key not in tensors:
             raise FixturesError(f"tensor {key!r} is not in {file!r}")
         t = tensors[key]
+        if suffix.startswith("[batch ") and suffix.endswith("]"):  # "[batch a:b]": images a .. b-1
+            start, _, stop = suffix[len("[batch ") : -1].partition(":")
+            try:
+                return t[int(start) : int(stop)]
+            except ValueError:
+                raise FixturesError(f"input ref {ref!r}: cannot parse the batch range") from None
         if suffix:
             if batch is None:
                 raise FixturesError(f"input ref {ref!r} has a batch suffix but its case has no 'batch' field")
@@ -225,6 +245,8 @@ class _Runner:
         from naclip.inference import CLIP_MEAN, CLIP_STD
 
         conv = manifest.get("conventions", {}).get("image_normalisation", {})
+        if not isinstance(conv, dict):  # the add-on manifests state it in words ("identical to ...")
+            conv = {}
         for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
             theirs = conv.get(key, ours)
             same = len(theirs) == len(ours) and torch.equal(
@@ -236,6 +258,20 @@ class _Runner:
                     f"{key.upper()} = {list(ours)} (float32), got {theirs!r}"
                 )
         self._visual = None
+        from naclip.testing.replay_methods import adapter_for
+
+        self.adapter = adapter_for(manifest)
+
+    def run(self, case: dict, emit: Callable[[str, Any], None]) -> None:
+        """Run one case: the method adapter's function for this kind, else NACLIP's."""
+        kind = case["kind"]
+        if self.adapter is not None:
+            if kind not in self.adapter:
+                raise FixturesError(f"case kind {kind!r} is not supported for this method")
+            return self.adapter[kind](self, case, emit)
+        if kind == "dense_forward_raises":
+            raise FixturesError("dense_forward_raises cases exist only for add-on methods")
+        return getattr(self, kind)(case, emit)
 
     # -- shared helpers
 
@@ -255,7 +291,7 @@ class _Runner:
 
             if "model" not in self.manifest:
                 raise FixturesError("manifest has no 'model' block; cannot build the tiny ViT")
-            weights = self.tensors.file("weights.safetensors")
+            weights = self.tensors.file(str(self.manifest.get("weights", "weights.safetensors")))
             self._visual = build_visual_from_manifest(self.manifest["model"], weights).to(self.device).eval()
         return self._visual
 
@@ -458,13 +494,16 @@ def replay(
                 if name == "nonly_bias_multiplier":
                     cmp.compare(_res, name, actual, torch.tensor([float(_case[name])], dtype=torch.float64))
                     return
+                if name not in _exp and isinstance(_case.get(name), list):  # expected value in the manifest
+                    cmp.compare(_res, name, actual, torch.tensor(_case[name]))
+                    return
                 if name not in _exp:
                     return
                 cmp.compare(_res, name, actual, runner.out(_case, name))
                 _exp.pop(name)
 
             try:
-                getattr(runner, case["kind"])(case, emit)
+                runner.run(case, emit)
                 res.max_abs_diff = max(res.diffs.values(), default=0.0)
                 if expected_outputs:  # every stored output must be checked
                     res.failures.append("not computed: " + ", ".join(expected_outputs))

@@ -65,6 +65,7 @@ def test_dtype_reaches_segmenter(tmp_path, captured_from_pretrained, extra, expe
 
 def test_choice_lists_are_the_libraries():
     from naclip.inference import MODES
+    from naclip.methods import METHOD_NAMES
     from naclip.segmenter import dtype_name, resolve_dtype
     from naclip.strategies import STRATEGIES
     from naclip_kernels.api import BACKENDS
@@ -72,7 +73,8 @@ def test_choice_lists_are_the_libraries():
     actions = {a.dest: a for a in eval_cli.build_parser()._actions}
     assert tuple(actions["mode"].choices) == tuple(MODES)
     assert tuple(actions["backend"].choices) == tuple(BACKENDS)
-    assert list(actions["method"].choices) == list(STRATEGIES)
+    assert set(actions["method"].choices) == set(METHOD_NAMES) | set(STRATEGIES)
+    assert tuple(actions["method"].choices[: len(METHOD_NAMES)]) == METHOD_NAMES
     names = {resolve_dtype(n): n for n in actions["dtype"].choices}
     assert names == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     assert all(dtype_name(dt) == n for dt, n in names.items())

@@ -248,3 +248,57 @@ def test_markdown_with_paper_column():
     md = markdown_table(res)
     assert "| 60.00 | 90.00 | 70.00 | 64.07 | -4.07 |" in md
     assert "| b | n/a | n/a |" in md
+
+
+@pytest.mark.parametrize(
+    ("method", "voc21", "average"),
+    [("clearclip", 51.8, 38.1), ("sclip", 59.1, 38.2), ("resclip", 61.1, 41.4), ("scclip", 64.6, 43.9)],
+    ids=["clearclip", "sclip", "resclip", "scclip"],
+)
+def test_method_paper_numbers(method, voc21, average):
+    from naclip.eval.paper import METHOD_PAPER_MIOU, paper_average, paper_miou
+
+    assert paper_miou("voc21", False, method)[0] == voc21
+    assert paper_average(method) == average and set(METHOD_PAPER_MIOU[method][0]) == set(DATASETS)
+    assert paper_miou("voc21", False, "maskclip")[0] is None
+
+
+def test_markdown_paper_not_reported():
+    from naclip.eval.report import markdown_table
+
+    res = {
+        "title": "T",
+        "split": "val",
+        "num_images": 1,
+        "mIoU": 60.0,
+        "aAcc": 90.0,
+        "mAcc": 70.0,
+        "paper": {"mIoU": None, "source": "n/r"},
+        "per_class": {},
+        "per_class_acc": {},
+    }
+    assert "| 60.00 | 90.00 | 70.00 | n/r | n/a |" in markdown_table(res)
+
+
+def test_method_settings_come_from_the_method_preset():
+    from naclip.eval import cli as eval_cli
+    from naclip.presets import get_preset
+
+    args = eval_cli.build_parser().parse_args(
+        ["--dataset", "voc21", "--root", "x", "--method", "clearclip", "--paper"]
+    )
+    s = eval_cli.resolve_settings(args, get_preset("voc21"))
+    assert (s["method"], s["mode"], s["crop"], s["stride"], s["prob_thd"], s["short_side"], s["pamr"]) == (
+        "clearclip",
+        "slide",
+        448,
+        224,
+        0.5,
+        448,
+        False,
+    )
+    args = eval_cli.build_parser().parse_args(
+        ["--dataset", "voc21", "--root", "x", "--method", "sclip", "--paper", "--crop", "448"]
+    )
+    with pytest.raises(eval_cli.EvalUserError, match="--crop 448"):
+        eval_cli.resolve_settings(args, get_preset("voc21"))

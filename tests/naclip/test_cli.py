@@ -314,12 +314,12 @@ def test_explicit_backend_is_passed_through(
 
 def test_choices_come_from_their_single_homes() -> None:
     import naclip_kernels.api
-    from naclip import inference, segmenter, strategies
+    from naclip import inference, methods, segmenter, strategies
 
     assert cli.MODES == inference.MODES
     assert cli.BACKENDS == naclip_kernels.api.BACKENDS
     assert tuple(segmenter.DTYPES) == cli.DTYPES
-    assert tuple(strategies.STRATEGIES) == cli.METHODS
+    assert tuple(dict.fromkeys([*methods.METHOD_NAMES, *strategies.STRATEGIES])) == cli.METHODS
     seg = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["segment"]
     choices = {a.dest: a.choices for a in seg._actions if a.choices is not None}
     assert choices["method"] == cli.METHODS and choices["mode"] == cli.MODES

@@ -298,7 +298,7 @@ def test_enormous_images(tok):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        ({"method": "gav"}, ValueError, "strategy must be one of"),
+        ({"method": "gav"}, ValueError, "method: expected one of"),
         ({"method": "csa", "arch": "reduced"}, ValueError, "requires arch='vanilla'"),
         ({"arch": "reduced_no_ffn"}, ValueError, "arch must be one of"),
         ({"gaussian_std": 0.0}, ValueError, "gaussian_std"),

@@ -97,7 +97,7 @@ def _random_qkv(b=2, h=3, grid=(5, 7), d=16, seed=0):
 
 
 def test_registry_names():
-    assert list(STRATEGIES) == ["naclip", "nonly", "kk", "vanilla", "csa"]
+    assert list(STRATEGIES) == ["naclip", "nonly", "kk", "vanilla", "csa", "qq"]
     assert ARCHS == ("reduced", "vanilla")
     assert not STRATEGIES["naclip"].needs_query and not STRATEGIES["kk"].needs_query
     assert STRATEGIES["nonly"].needs_query and STRATEGIES["csa"].required_arch == "vanilla"
@@ -153,6 +153,14 @@ def test_naclip_gaussian_is_added_after_scaling():
     torch.testing.assert_close(
         STRATEGIES["naclip"](None, k, v, (3, 4), 1.5, "torch"), expected, atol=1e-5, rtol=1e-5
     )
+
+
+def test_qq_is_query_query_attention_without_gaussian():
+    # ClearCLIP: softmax(scale Q Q^T) V; K is never used (a random K must not change it).
+    q, k, v = _random_qkv(b=1, grid=(3, 5), d=8, seed=3)
+    expected = torch.softmax(q @ q.transpose(-1, -2) * 8**-0.5, dim=-1) @ v
+    out = STRATEGIES["qq"](q, torch.randn_like(k), v, (3, 5), 1.5, "torch")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_query_is_an_error():
