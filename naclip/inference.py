@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from naclip.pamr import _check_dilations
 from naclip.pamr import pamr as _pamr
+from naclip.tiles import label_dtype, run_tiles
 
 __all__ = [
     "CLIP_MEAN",
@@ -67,6 +69,8 @@ CLIP_STD = (68.501, 66.632, 70.323)
 #: NACLIP's softmax temperature (``softmax(40 · cos)``), not CLIP's 100.
 LOGIT_SCALE = 40.0
 MODES = ("whole", "slide", "single")
+#: Default working-memory budget in bytes (crop batches of ``slide``, post-processing tiles): 2 GiB.
+DEFAULT_MEMORY_BUDGET = 2 << 30
 
 #: Vision model interface: ``visual(x[B, 3, h, w]) -> [B, 1 + gh·gw, D]``, with a ``patch_size`` attribute.
 VisualFn = Callable[[torch.Tensor], torch.Tensor]
@@ -282,7 +286,7 @@ def slide_logits(
     *,
     crop: int = 224,
     stride: int = 112,
-    memory_budget: int = 2 << 30,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_batch: int | None = None,
     pad_crops: bool = False,
 ) -> torch.Tensor:
@@ -337,7 +341,7 @@ def infer_logits(
     mode: str = "whole",
     crop: int = 224,
     stride: int = 112,
-    memory_budget: int = 2 << 30,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_batch: int | None = None,
     pad_crops: bool = False,
     whole_size: tuple[int, int] | None = None,
@@ -386,8 +390,13 @@ def postprocess(
     below_thd_label: int = 0,
     area_thd: float | None = None,
     renormalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow] int64, probs [C, oh, ow] float32)`` (spec §2.5).
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    keep_probs: bool | None = True,
+    probs_sink: Callable[[torch.Tensor, int, int], None] | None = None,
+    tile_hw: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``[1, Q, H, W]`` -> ``(labels [oh, ow], probs [C, oh, ow] float32 or None)`` (spec §2.5),
+    computed in tiles within ``memory_budget`` bytes (:mod:`naclip.tiles`), equal to the untiled result.
 
     Args:
         logits: floating ``[1, Q, H, W]`` cosine logits (any device; computed on it in float32).
@@ -403,6 +412,12 @@ def postprocess(
         area_thd: SCLIP's area filter (``None`` = off): every class ``c >= 1`` whose argmax area is ``<=
             area_thd * (area of all classes >= 1)`` gets ``P[c] = 0`` before the argmax.
         renormalize: divide ``P`` by its sum over classes (NACLIP); ``False`` returns ``P`` as is.
+        memory_budget: bytes of working memory per tile (positive int; sets the tile size, not the result).
+        keep_probs: return ``probs`` (``True``), not (``False``, ``None`` is returned), or ``None``: only when
+            ``4·C·oh·ow <= memory_budget``.
+        probs_sink: ``sink(block [C, th, tw] float32, r0, c0)`` called with every tile's probabilities (e.g.
+            :func:`naclip.io.save_probs_streaming`'s writer), so they can be streamed without keeping them.
+        tile_hw: force the tile core size ``(th, tw)`` (tests, tuning); default from ``memory_budget``.
 
     With ``L = bilinear(logits, ori_shape, align_corners=False)`` (float32), optionally
     ``L = pamr(bilinear(image, ori_shape), L, pamr_steps, pamr_dilations)`` (on a ``RuntimeError`` such as
@@ -413,8 +428,11 @@ def postprocess(
         labels = argmax_c P;   labels[max_c P < prob_thd] = below_thd_label
         probs  = P / sum_c P
 
-    Returns ``labels`` (``int64``) and ``probs`` (``float32``), both on the CPU. Raises ``TypeError`` /
-    ``ValueError`` naming the argument for a bad input.
+    Tiles carry a halo of ``pamr_steps · max(pamr_dilations)`` pixels (PAMR's reach) and the resize of every
+    tile uses the full resize's indices and weights, so the tiling changes neither labels nor probabilities.
+    Returns ``labels`` in the smallest integer dtype holding the classes (:func:`naclip.tiles.label_dtype`:
+    ``uint8`` up to 256 classes) and ``probs`` (``float32`` or ``None``), both on the CPU. Raises
+    ``TypeError`` / ``ValueError`` naming the argument for a bad input.
     """
     if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[0] != 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -459,6 +477,43 @@ def postprocess(
     if int(qidx.min()) < 0 or int(qidx.max()) >= n_cls:
         raise ValueError(f"query_idx: values must lie in [0, {n_cls}), got {qidx.tolist()}")
 
+    _positive_int("memory_budget", memory_budget)
+    if keep_probs is not None and not isinstance(keep_probs, bool):
+        raise TypeError(f"keep_probs: expected a bool or None, got {keep_probs!r}")
+    if keep_probs is None:
+        keep_probs = 4 * n_cls * oh * ow <= memory_budget
+    if tile_hw is not None:
+        tile_hw = (_positive_int("tile_hw[0]", tile_hw[0]), _positive_int("tile_hw[1]", tile_hw[1]))
+    dils = tuple(pamr_dilations)
+    if pamr_steps > 0:
+        _check_dilations(dils)
+    if area is not None or not renormalize:  # the area filter needs the whole argmax map: untiled
+        return _postprocess_untiled(
+            logits, image, qidx, oh=oh, ow=ow, n_cls=n_cls, pamr_steps=pamr_steps, pamr_dilations=dils,
+            thd=thd, logit_scale=logit_scale, below_thd_label=below_thd_label, area=area,
+            renormalize=renormalize,
+        )  # fmt: skip
+    kw = {"num_classes": n_cls, "prob_thd": thd, "logit_scale": float(logit_scale)}
+    kw |= {"below_thd_label": below_thd_label}
+    kw |= {"memory_budget": memory_budget, "keep_probs": keep_probs, "probs_sink": probs_sink}
+    try:
+        return run_tiles(
+            logits, image, qidx, ori_shape=(oh, ow), pamr_steps=pamr_steps, pamr_dilations=dils,
+            tile_hw=tile_hw, **kw,
+        )  # fmt: skip
+    except RuntimeError as exc:  # e.g. out of memory on a huge image: keep the unrefined logits
+        if pamr_steps == 0:
+            raise
+        warnings.warn(f"PAMR skipped: {exc}", RuntimeWarning, stacklevel=2)
+    return run_tiles(logits, image, qidx, ori_shape=(oh, ow), pamr_steps=0, pamr_dilations=dils, **kw)
+
+
+def _postprocess_untiled(
+    logits, image, qidx, *, oh, ow, n_cls, pamr_steps, pamr_dilations, thd, logit_scale, below_thd_label,
+    area, renormalize,
+):  # fmt: skip
+    """The whole-image post-processing (spec §2.5) for the options that cannot be tiled (``area_thd``,
+    ``renormalize=False``): ``O(C·oh·ow)`` memory."""
     logits = F.interpolate(logits.float(), size=(oh, ow), mode="bilinear", align_corners=False)
     if pamr_steps > 0:
         guide = F.interpolate(image.float(), size=(oh, ow), mode="bilinear", align_corners=False)
@@ -480,7 +535,7 @@ def postprocess(
     labels[top < thd] = below_thd_label
     if renormalize:
         probs = probs / probs.sum(dim=0, keepdim=True)
-    return labels.cpu(), probs.cpu()
+    return labels.to(label_dtype(max(n_cls, below_thd_label + 1))).cpu(), probs.cpu()
 
 
 def _area_filter(probs: torch.Tensor, area_thd: float) -> torch.Tensor:

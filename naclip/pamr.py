@@ -18,8 +18,12 @@ it is a no-op when the sizes already match (the case in NACLIP, which resizes bo
 beforehand).
 
 Everything is vectorised over pixels and channels; the only Python loops run over the ``8n`` neighbour offsets
-and the iterations. Memory: ``O((8n + 2)·B·K·h·w + 3·B·C·h·w)`` floats (the official code materialises
-``8n·B·C·h·w`` for the mask propagation).
+and the iterations. Memory: about ``(8n + 6K)·B·h·w + 2·B·C·(h + 2d)·(w + 2d)`` floats (``d`` the largest
+dilation; the official code materialises ``8n·B·C·h·w`` for the mask propagation).
+
+Reach: the output at a pixel depends only on the image and mask within ``num_iter · max(dilations)`` pixels
+(Chebyshev distance) of it, so a tile computed with a halo that wide (:mod:`naclip.tiles`) equals the
+untiled result on its core.
 """
 
 from __future__ import annotations
@@ -99,33 +103,48 @@ def pamr(
     h, w = image.shape[-2:]
     if tuple(mask.shape[-2:]) != (h, w):
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=True)
+    aff = _affinities(image, dils)
     offsets = neighbour_offsets(dils)
     pad = max(dils)
-
-    # Guidance: affinities from the image, computed once.
-    img_pad = F.pad(image, (pad, pad, pad, pad), mode="replicate")
-    neigh = torch.stack([_shifted(img_pad, pad, dy, dx, h, w) for dy, dx in offsets], dim=2)  # [B,K,8n,h,w]
-    # The std pools, per dilation, the 9 samples of the 3x3 dilated window in row-major order (centre 5th).
-    centre = image.unsqueeze(2)
-    samples = torch.cat(
-        [
-            t
-            for i in range(len(dils))
-            for t in (neigh[:, :, 8 * i : 8 * i + 4], centre, neigh[:, :, 8 * i + 4 : 8 * i + 8])
-        ],
-        dim=2,
-    )  # [B, K, 9n, h, w]
-    std = samples.std(dim=2, keepdim=True)  # unbiased
-    del samples
-    aff = -(centre - neigh).abs_() / (1e-8 + 0.1 * std)
-    del neigh
-    aff = aff.mean(dim=1)  # [B, 8n, h, w]
-    aff = aff.softmax(dim=1)
-
     for _ in range(num_iter):
         m_pad = F.pad(mask, (pad, pad, pad, pad), mode="replicate")
-        new = torch.zeros_like(mask)
+        del mask
+        mask = torch.zeros(m_pad.shape[:2] + (h, w), dtype=m_pad.dtype, device=m_pad.device)
         for j, (dy, dx) in enumerate(offsets):
-            new.addcmul_(_shifted(m_pad, pad, dy, dx, h, w), aff[:, j : j + 1])
-        mask = new
+            mask.addcmul_(_shifted(m_pad, pad, dy, dx, h, w), aff[:, j : j + 1])
+        del m_pad
     return mask
+
+
+def _affinities(image: torch.Tensor, dils: tuple[int, ...]) -> torch.Tensor:
+    """Softmax-normalised affinities ``[B, 8n, h, w]`` of the float32 guidance ``image`` ``[B, K, h, w]``.
+
+    The unbiased std over the ``9n`` samples is computed in two passes (mean, then squared deviations) over
+    shifted views of the replicate-padded image, so no ``[B, K, 9n, h, w]`` stack is materialised.
+    """
+    offsets = neighbour_offsets(dils)
+    pad = max(dils)
+    n_dil, h, w = len(dils), image.shape[-2], image.shape[-1]
+    img_pad = F.pad(image, (pad, pad, pad, pad), mode="replicate")
+    n_samples = 9 * n_dil  # the centre counts once per dilation
+    total = image * n_dil
+    for dy, dx in offsets:
+        total += _shifted(img_pad, pad, dy, dx, h, w)
+    mean = total.div_(n_samples)
+    dev = image - mean
+    sq = dev.mul_(dev).mul_(n_dil)
+    for dy, dx in offsets:
+        d = _shifted(img_pad, pad, dy, dx, h, w) - mean
+        sq.addcmul_(d, d)
+    del mean, d
+    denom = sq.div_(n_samples - 1).sqrt_().mul_(0.1).add_(1e-8)  # 1e-8 + 0.1·std
+    aff = torch.empty((image.shape[0], len(offsets), h, w), dtype=image.dtype, device=image.device)
+    k = image.shape[1]
+    for j, (dy, dx) in enumerate(offsets):
+        diff = (image - _shifted(img_pad, pad, dy, dx, h, w)).abs_().div_(denom)
+        torch.sum(diff, dim=1, out=aff[:, j])
+        aff[:, j].div_(-k)
+    # softmax over the neighbours with float64 exponentials, rounded to float32: torch's float32 kernels round
+    # the tail of a vectorised run differently, which would make the result depend on the tensor's size
+    e = (aff - aff.amax(dim=1, keepdim=True)).double().exp_()
+    return e.div_(e.sum(dim=1, keepdim=True)).float()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import naclip.inference as inf
+import naclip.tiles
 from naclip import Segmenter
 from naclip.testing import build_visual_from_manifest
 
@@ -51,7 +52,7 @@ def test_pipeline_fixture(manifest, fixture_tensors, tiny_segmenter, case_id):
     out = case["outputs"]
     probs, pred = t[out["seg_probs"]], t[out["pred"]][0].long()
     assert res.probs.shape == probs.shape and res.labels.shape == pred.shape
-    assert res.labels.dtype == torch.int64 and res.probs.dtype == torch.float32
+    assert res.labels.dtype == torch.uint8 and res.probs.dtype == torch.float32
     d = (res.probs - probs).abs().max().item()
     assert torch.allclose(res.probs, probs, atol=1e-4, rtol=1e-4), f"seg_probs max abs diff {d:.3g}"
     assert torch.equal(res.labels, pred), f"{(res.labels != pred).sum().item()} label mismatches"
@@ -263,7 +264,7 @@ def test_postprocess_pamr_runtime_error_falls_back_with_warning(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(inf, "_pamr", boom)
+    monkeypatch.setattr(naclip.tiles, "_pamr", boom)
     with pytest.warns(RuntimeWarning, match="PAMR skipped"):
         out = inf.postprocess(logits, image, [0, 1, 2], ori_shape=(12, 12), pamr_steps=10)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
