@@ -77,7 +77,18 @@ CASES: dict[str, dict] = {
     "single_1024": {"hw": (1024, 1024), "mode": "single", "impls": ("naclip", "official")},
     "single_2048": {"hw": (2048, 2048), "mode": "single", "impls": ("naclip", "official")},
 }
+# product cases: a uint8 photo of the given size through preprocessing (the mode's model-input size), the
+# model and the full post-processing at the photo's size with PAMR on ("pipeline"); "pipeline_main" runs
+# the same worker against the pre-tiling code in /work/main (untiled post-processing) for the per-pixel ratio
+for _side in (336, 2048):
+    for _mode in ("whole", "slide", "single"):
+        CASES[f"photo{_side}_{_mode}"] = {"hw": (_side, _side), "mode": _mode, "impls": ("pipeline",)}
+CASES["photo2048_whole"]["impls"] = ("pipeline", "pipeline_main")
+CASES["photo1024_single"] = {"hw": (1024, 1024), "mode": "single", "impls": ("pipeline",)}
+CASES["photo8000_whole"] = {"hw": (8000, 8000), "mode": "whole", "impls": ("pipeline",)}
 DEFAULT_REPEATS = {"slide_336x448": 5, "whole_336x448": 5, "single_1024": 3, "single_2048": 1}
+DEFAULT_REPEATS |= {c: 1 for c in CASES if c.startswith("photo")} | {"photo336_whole": 3, "photo336_slide": 3}
+MAIN_TREE = Path(os.environ.get("NACLIP_BENCH_MAIN", "/work/main"))
 NUM_QUERIES = 21
 GAUSSIAN_STD = 5.0
 GB = 1024**3
@@ -186,6 +197,41 @@ def _official_predict(model: OfficialStyle, image, text, qidx, mode: str):
 # ------------------------------------------------------------------------------------------------- worker
 
 
+def _pipeline_run(visual, spec: dict, text, qidx, seed: int):
+    """``run()`` for a product case: uint8 photo -> preprocessing -> model -> post-processing with PAMR at
+    the photo's size (probabilities not kept when they exceed the memory budget, as in ``predict``)."""
+    import numpy as np
+    import torch
+
+    from naclip import inference
+    from naclip.segmenter import Segmenter
+
+    H, W = spec["hw"]
+    # a smooth random photo (upsampled noise), so PAMR sees structure rather than white noise
+    small = torch.rand(1, 3, max(H // 64, 4), max(W // 64, 4), generator=torch.Generator().manual_seed(seed))
+    photo = torch.nn.functional.interpolate(small * 255, size=(H, W), mode="bilinear")
+    rgb = photo[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+    del small, photo
+    seg = Segmenter(visual, None, method="naclip", device="cpu", dtype=torch.float32)
+    mode = spec["mode"]
+    if hasattr(inference, "model_input_size"):
+        size = inference.model_input_size(
+            H, W, mode=mode, patch_size=(16, 16), short_side=None if mode == "single" else 336, long_side=None
+        )
+        prep = {"size": size}
+    else:  # the pre-tiling code (pipeline_main): single was whole
+        prep = {"short_side": 336, "long_side": 2048}
+        mode = "whole" if mode == "single" else mode
+
+    def run():
+        x = inference.preprocess(np.asarray(rgb), **prep)
+        return seg.predict_from_features(x, text, qidx, ori_shape=(H, W), mode=mode, pamr_steps=10)
+
+    nh, nw = prep.get("size") or inference.rescale_size(H, W, 336, 2048)
+    run.tokens = 1 + (nh // 16) * (nw // 16)  # type: ignore[attr-defined]
+    return run
+
+
 def _worker(
     case: str,
     impl: str,
@@ -220,7 +266,9 @@ def _worker(
     text = torch.nn.functional.normalize(torch.randn(NUM_QUERIES, visual.output_dim), dim=-1)
     qidx = torch.arange(NUM_QUERIES)
 
-    if impl == "official":
+    if impl in ("pipeline", "pipeline_main"):
+        run = _pipeline_run(visual, spec, text, qidx, seed)
+    elif impl == "official":
         model = OfficialStyle(visual)
         mode = "slide" if spec["mode"] == "slide" else "whole"
 
@@ -262,6 +310,7 @@ def _worker(
         }
     peak_kb = status_kb("VmHWM")
     labels = res[0] if isinstance(res, tuple) else res.labels
+    labels = labels if labels.numel() <= 2**24 else labels[:4096, :4096]  # large maps: the top-left corner
     if labels_out:
         import numpy as np
 
@@ -272,7 +321,7 @@ def _worker(
         "mode": spec["mode"] if impl != "official" else ("slide" if spec["mode"] == "slide" else "whole"),
         "height": H,
         "width": W,
-        "tokens": 1 + (H // 16) * (W // 16),
+        "tokens": getattr(run, "tokens", 1 + (H // 16) * (W // 16)),
         "repeats": repeats,
         "warmup": warmup,
         "time_median_s": statistics.median(times),
@@ -298,11 +347,14 @@ def _official_attention_bytes(h: int, w: int, width: int = 768, heads: int = 12)
 
 def _run_worker(case: str, impl: str, args, labels_dir: Path) -> dict:
     repeats = args.repeats or DEFAULT_REPEATS[case]
-    warmup = 0 if case == "single_2048" else 1
+    warmup = 0 if case == "single_2048" or (case.startswith("photo") and "336" not in case) else 1
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, impl, "--repeats", str(repeats)]
     cmd += ["--warmup", str(warmup), "--threads", str(args.threads), "--seed", str(args.seed)]
     cmd += ["--labels-out", str(labels_dir / f"{case}_{impl}.npy")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if impl == "pipeline_main":  # the same worker against the pre-tiling package
+        env["PYTHONPATH"] = str(MAIN_TREE)
+        cmd[1] = str(Path(__file__).resolve())
     cap = args.mem_cap_gb
     if impl == "official" and case == "single_2048" and not cap:
         cap = 22.0  # the dense path must fail cleanly instead of swapping the machine
@@ -328,6 +380,8 @@ def _label_agreement(rows: list[dict], labels_dir: Path) -> None:
         if r.get("status") != "ok":
             continue
         ref_path = labels_dir / f"{r['case']}_official.npy"
+        if not ref_path.is_file():  # product cases: against the pre-tiling (untiled) code
+            ref_path = labels_dir / f"{r['case']}_pipeline_main.npy"
         mine = labels_dir / f"{r['case']}_{r['impl']}.npy"
         if ref_path.is_file() and mine.is_file():
             r["labels_agree_with_official"] = float((np.load(ref_path) == np.load(mine)).mean())
@@ -338,10 +392,10 @@ def _speedups(rows: list[dict]) -> list[dict]:
     out = []
     by = {(r["case"], r["impl"]): r for r in rows if r.get("status") == "ok"}
     for case in dict.fromkeys(r["case"] for r in rows):
-        ours = by.get((case, "naclip"))
+        ours = by.get((case, "naclip")) or by.get((case, "pipeline"))
         if ours is None:
             continue
-        for impl in ("naclip_loop", "official"):
+        for impl in ("naclip_loop", "official", "pipeline_main"):
             other = by.get((case, impl))
             if other is None:
                 continue
@@ -402,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases", nargs="+", choices=list(CASES), default=None, help="cases to run (default: all)"
     )
-    p.add_argument("--impls", nargs="+", choices=["naclip", "naclip_loop", "official"], default=None)
+    p.add_argument(
+        "--impls", nargs="+", choices=["naclip", "naclip_loop", "official", "pipeline", "pipeline_main"]
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: per-case)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

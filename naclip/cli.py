@@ -130,6 +130,21 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(0, text)
 
 
+def byte_size(text: str) -> int:
+    """argparse ``type=``: a positive byte count, optionally with a binary suffix ``K``, ``M``, ``G``
+    (``2G`` = 2·1024³; ``ArgumentTypeError`` naming the expected and the given text)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        value = 0.0
+    if not (value >= 1 and value < 1 << 50):
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 512M or 2G, got {text!r}")
+    return int(value)
+
+
 def probability(text: str) -> float:
     """argparse ``type=``: a number in ``[0, 1]`` (NaN rejected; ``ArgumentTypeError`` otherwise)."""
     try:
@@ -252,6 +267,19 @@ def _add_segment_parser(subparsers) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     add_inference_arguments(p)
+    p.add_argument(
+        "--long-side",
+        type=positive_int,
+        metavar="PX",
+        help="cap the long side at PX (whole/slide default 2048; single: native unless given)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        metavar="SIZE",
+        help="working memory for crop batches and post-processing tiles, e.g. 512M, 2G (default 2G); "
+        "sets tile sizes, not the result",
+    )
     add_model_arguments(p)
     from naclip.io import DEFAULT_MAX_PIXELS, OVERLAY_ALPHA
 
@@ -655,8 +683,11 @@ def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple
     except (ValueError, TypeError) as exc:
         raise UserError(f"--model: {exc}") from None
     pre = get_preset(preset) if preset is not None else None
-    short = args.short_side or (pre.short_side if pre is not None else config.short_side)
-    long = pre.long_side if pre is not None else config.long_side
+    mode = args.mode or (pre.mode if pre is not None else config.mode)
+    short, long = args.short_side, args.long_side
+    if mode != "single":  # single mode: native unless the sizes are given
+        short = short or (pre.short_side if pre is not None else config.short_side)
+        long = long or (pre.long_side if pre is not None else config.long_side)
     bad = []
     for path in inputs:
         try:
@@ -668,7 +699,7 @@ def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple
                 )
             check_input_size(
                 h, w, patch=None if patch is None else (patch, patch), short_side=short, long_side=long,
-                max_pixels=config.max_pixels,
+                max_pixels=config.max_pixels, mode=mode, single_max_pixels=config.single_max_pixels,
             )  # fmt: skip
         except (OSError, ValueError) as exc:
             bad.append((path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
@@ -711,6 +742,7 @@ def _run_segment(args) -> int:
             exif_orientation=args.exif_orientation,
             **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),
             **({"templates": templates} if templates else {}),
+            **({"memory_budget": args.memory_budget} if args.memory_budget else {}),
         )
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
@@ -770,13 +802,12 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
                 result = seg.predict(
                     path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
                     short_side=args.short_side, crop=args.crop, stride=args.stride,
+                    long_side=args.long_side, probs_path=plan.probs, keep_probs=False,
                 )  # fmt: skip
                 result.save_mask(plan.mask, protect=protect)
                 written = True
                 if plan.overlay is not None:
                     result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
-                if plan.probs is not None:
-                    result.save_probs(plan.probs, protect=protect)
                 if plan.json is not None:
                     result.save_json(plan.json, protect=protect)
                 if plan.heatmaps is not None:

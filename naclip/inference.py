@@ -16,13 +16,15 @@ Reproduces the official NACLIP pipeline (spec §2.2-§2.5):
   ``1 + r·gw + c`` at row ``r``, column ``c``) -> bilinear (``align_corners=False``) to the input size
   ``(h, w)``. When ``h`` or ``w`` is not a multiple of the patch the ``gh x gw`` map is stretched over the
   full input, like the official code.
-* **Modes** (:func:`infer_logits`): ``whole`` and ``single`` run the whole (resized) image through the model
-  once (``single`` is the same computation, named for high-resolution single-pass use); ``slide`` runs crops
+* **Modes** (:func:`infer_logits`): ``whole`` and ``single`` run the whole model input through the model
+  once; they differ in the input size (:func:`model_input_size`): ``whole`` resizes to short side 336
+  (mmcv rule), ``single`` keeps the native resolution rounded to the patch grid; ``slide`` runs crops
   of ``crop x crop`` at ``stride`` (spec §2.4 window placement, :func:`slide_windows`) and averages the window
   logits (fp32 accumulator). All crops of an image are batched through the model, grouped by crop shape (edge
   crops of a small image can differ) and split into chunks whose estimated activation memory fits
   ``memory_budget``.
-* **Post-processing** (:func:`postprocess`), spec §2.5: bilinear resize of the logits to ``ori_shape``; PAMR
+* **Post-processing** (:func:`postprocess`, in tiles within a memory budget, :mod:`naclip.tiles`), spec §2.5:
+  bilinear resize of the logits to ``ori_shape``; PAMR
   guided by the normalised image resized to ``ori_shape`` (a ``RuntimeError`` such as an OOM skips PAMR with a
   warning); ``softmax(logit_scale · logits)`` over queries; per class the **max** over its queries (synonyms);
   argmax; pixels whose max class probability is ``< prob_thd`` get class 0; probabilities renormalised to sum
@@ -51,6 +53,7 @@ __all__ = [
     "MODES",
     "Window",
     "rescale_size",
+    "model_input_size",
     "to_tensor_image",
     "preprocess",
     "normalize",
@@ -125,6 +128,45 @@ def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048
     return int(height * f + 0.5), int(width * f + 0.5)
 
 
+def _round_to_grid(n: int, patch: int) -> int:
+    """Nearest multiple of ``patch`` (halves up), at least one: ``max(patch, ⌊n/patch + ½⌋·patch)``."""
+    return max(patch, (2 * n + patch) // (2 * patch) * patch)
+
+
+def model_input_size(
+    height: int,
+    width: int,
+    *,
+    mode: str,
+    patch_size: tuple[int, int],
+    short_side: int | None,
+    long_side: int | None,
+) -> tuple[int, int]:
+    """Size ``(h, w)`` the model sees for a ``height x width`` image in ``mode`` (the one home of the rule).
+
+    * ``whole`` / ``slide``: :func:`rescale_size` with ``(short_side, long_side)`` (``long_side`` ``None`` ->
+      2048); ``short_side=None`` keeps the original size. Sizes that are not multiples of the patch are kept
+      (the official code: ``conv1`` drops the remainder and the patch map is stretched over the input).
+    * ``single``: native resolution unless ``short_side`` / ``long_side`` are given, then scaled by ``f =
+      min(short_side / min(h, w), long_side / max(h, w))`` over the sides given (``int(·f + 0.5)``); then
+      every side is rounded to the nearest multiple of its patch size (halves up, at least one patch), so
+      the patch grid covers the input exactly and no pixel is dropped. A size already on the grid (e.g.
+      1024x2048 at patch 16) is used as is: no resize at all.
+    """
+    if mode != "single":
+        if short_side is None:
+            return height, width
+        return rescale_size(height, width, short_side, 2048 if long_side is None else long_side)
+    f = 1.0
+    if short_side is not None or long_side is not None:
+        f = min(
+            short_side / min(height, width) if short_side is not None else math.inf,
+            long_side / max(height, width) if long_side is not None else math.inf,
+        )
+    h, w = (int(height * f + 0.5), int(width * f + 0.5)) if f != 1.0 else (height, width)
+    return _round_to_grid(h, patch_size[0]), _round_to_grid(w, patch_size[1])
+
+
 def to_tensor_image(image: object) -> torch.Tensor:
     """uint8 RGB ``H x W x 3`` array/tensor -> float32 tensor ``[1, 3, H, W]`` with values 0-255."""
     if isinstance(image, torch.Tensor):
@@ -154,9 +196,11 @@ def preprocess(
     *,
     short_side: int | None = 336,
     long_side: int = 2048,
+    size: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """uint8 RGB ``H x W x 3`` -> normalised float32 ``[1, 3, h, w]`` resized per :func:`rescale_size`.
+    """uint8 RGB ``H x W x 3`` -> normalised float32 ``[1, 3, h, w]`` resized per :func:`rescale_size`, or to
+    ``size`` when given (e.g. from :func:`model_input_size`).
 
     ``short_side=None`` keeps the original size (no resize). The resize runs on ``device`` (CPU when
     ``None``).
@@ -165,7 +209,12 @@ def preprocess(
     if device is not None:
         x = x.to(device)
     h, w = x.shape[-2:]
-    if short_side is not None:
+    if size is not None:
+        nh, nw = (_positive_int("size[0]", size[0]), _positive_int("size[1]", size[1]))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
+            x = x.round_().clamp_(0.0, 255.0)
+    elif short_side is not None:
         nh, nw = rescale_size(h, w, short_side, long_side)
         if min(nh, nw) <= 0:
             raise ValueError(

@@ -64,6 +64,7 @@ __all__ = [
     "render_overlay",
     "save_overlay",
     "save_probs",
+    "save_probs_streaming",
     "atomic_write",
 ]
 
@@ -522,3 +523,40 @@ def save_probs(path: PathLike, probs: Any, *, protect: Iterable[PathLike] = ()) 
     a = probs.detach().cpu().float().numpy() if hasattr(probs, "detach") else np.asarray(probs, np.float32)
     a = np.ascontiguousarray(a, dtype=np.float32)
     return atomic_write(path, lambda f: np.save(f, a, allow_pickle=False), protect=protect)
+
+
+def save_probs_streaming(
+    path: PathLike,
+    shape: tuple[int, int, int],
+    fill: Callable[[Callable[[Any, int, int], None]], None],
+    *,
+    protect: Iterable[PathLike] = (),
+) -> Path:
+    """Write a float32 ``.npy`` ``[C, H, W]`` block by block, atomically, never holding it in memory.
+
+    ``fill(sink)`` must call ``sink(block, r0, c0)`` with float32 blocks ``[C, th, tw]`` (tensor or array)
+    that together cover the array; each block's rows go to the file with ``os.pwrite`` (the page cache holds
+    them, not the process). The file appears only once ``fill`` returned (as :func:`atomic_write`).
+    """
+    if Path(path).suffix.lower() != ".npy":
+        raise ValueError(f"path: probabilities are written as .npy, got {str(path)!r}")
+    c, h, w = (int(v) for v in shape)
+
+    def write(f: IO[bytes]) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, header | {"shape": (c, h, w)})
+        f.flush()
+        start = f.tell()
+        f.truncate(start + 4 * c * h * w)
+        fd = f.fileno()
+
+        def sink(block: Any, r0: int, c0: int) -> None:
+            b = block.detach().cpu().numpy() if hasattr(block, "detach") else np.asarray(block)
+            b = b.astype("<f4", copy=False)
+            for ci in range(c):
+                for r in range(b.shape[1]):
+                    os.pwrite(fd, b[ci, r].tobytes(), start + 4 * ((ci * h + r0 + r) * w + c0))
+
+        fill(sink)
+
+    return atomic_write(path, write, protect=protect)

@@ -113,11 +113,11 @@ class SegmentConfig:
 
     Attributes:
         mode: ``"whole"`` (resized image in one pass), ``"slide"`` (crop/stride windows, averaged) or
-            ``"single"`` (= whole, meant for high-resolution single passes; combine with a larger
-            ``short_side``).
-        short_side, long_side: resize ``scale=(long_side, short_side)`` (mmcv ``imrescale``);
-        ``short_side=None``
-            keeps the original resolution.
+            ``"single"`` (native resolution rounded to the patch grid, one pass; see
+            :func:`naclip.inference.model_input_size`).
+        short_side, long_side: resize ``scale=(long_side, short_side)`` (mmcv ``imrescale``) for ``whole`` /
+            ``slide``; ``short_side=None`` keeps the original resolution. ``single`` ignores these defaults
+            (native) and only rescales with the sides passed to ``predict``.
         crop, stride: sliding-window size and step in pixels of the resized image.
         pamr: PAMR refinement on/off (official default on); ``pamr_steps`` iterations, ``pamr_dilations``.
         prob_thd: pixels whose best class probability is below it become class 0.
@@ -128,8 +128,11 @@ class SegmentConfig:
         max_pixels: limit on ``H·W`` of the input image and of the resized model input (``None``: no limit).
         exif_orientation: turn image files upright by their EXIF Orientation tag (see
             :func:`naclip.io.load_image`); ``False`` keeps the pixels as stored.
-        memory_budget: bytes of activation memory per batch of sliding-window crops (sets the crop batch
-            size).
+        memory_budget: bytes of working memory for a batch of sliding-window crops (sets the crop batch size)
+            and for one post-processing tile (sets the tile size; the result does not depend on it). Also
+            the limit up to which ``probs`` are kept in the result (``4·C·H·W`` bytes).
+        single_max_pixels: limit on ``h·w`` of the ``single`` mode's model input (``None``: no limit); a
+            larger input is a :class:`naclip.io.ImageTooLargeError` naming ``short_side`` / ``long_side``.
         text_batch: queries per ``encode_text`` call (each query has ``len(templates)`` prompts).
         templates: prompt templates with a ``{c}`` placeholder; default the 80 OpenAI ImageNet templates
             (:data:`naclip.text.TEMPLATES`, as NACLIP). Fewer templates encode faster but change the features.
@@ -149,7 +152,8 @@ class SegmentConfig:
     area_thd: float | None = None
     max_pixels: int | None = io.DEFAULT_MAX_PIXELS
     exif_orientation: bool = True
-    memory_budget: int = 2 << 30
+    memory_budget: int = inference.DEFAULT_MEMORY_BUDGET
+    single_max_pixels: int | None = 4096 * 4096
     text_batch: int = 8
     templates: tuple[str, ...] = TEMPLATES
 
@@ -176,6 +180,8 @@ class SegmentConfig:
         if self.max_pixels is not None:
             _check_int("max_pixels", self.max_pixels, 1)
         _check_int("memory_budget", self.memory_budget, 1)
+        if self.single_max_pixels is not None:
+            _check_int("single_max_pixels", self.single_max_pixels, 1)
         _check_int("text_batch", self.text_batch, 1)
         std = self.gaussian_std
         if isinstance(std, bool) or not isinstance(std, int | float) or not 0 < std < float("inf"):
@@ -200,19 +206,25 @@ def check_input_size(
     *,
     patch: tuple[int, int] | None,
     short_side: int | None,
-    long_side: int,
+    long_side: int | None,
     max_pixels: int | None,
-) -> None:
+    mode: str = "whole",
+    single_max_pixels: int | None = None,
+) -> tuple[int, int]:
     """The size checks of :meth:`Segmenter.predict` on an ``height x width`` image, runnable before any
     model exists (the CLI runs them on every input first): at least one ``patch`` (``None``: unknown,
-    skipped), the resized model input too, and the resized input within ``max_pixels``. ``ValueError`` /
-    :class:`naclip.io.ImageTooLargeError` naming the sizes otherwise."""
+    skipped), the model input (:func:`naclip.inference.model_input_size` for ``mode``) too, within
+    ``max_pixels`` and, in ``single`` mode, ``single_max_pixels``. Returns the model input size ``(h, w)``.
+    ``ValueError`` / :class:`naclip.io.ImageTooLargeError` naming the sizes otherwise."""
     ph, pw = patch if patch is not None else (1, 1)
     if height < ph or width < pw:
         raise ValueError(f"image: {height}x{width} is smaller than one {ph}x{pw} patch of the model")
-    if short_side is None:
-        return
-    nh, nw = inference.rescale_size(height, width, short_side, long_side)
+    grid = patch if patch is not None else (1, 1)
+    nh, nw = inference.model_input_size(
+        height, width, mode=mode, patch_size=grid, short_side=short_side, long_side=long_side
+    )
+    if (nh, nw) == (height, width) and mode != "single":
+        return nh, nw
     if nh < ph or nw < pw:
         raise ValueError(
             f"image: {height}x{width} resized to {nh}x{nw} (short side {short_side}, long side {long_side}) "
@@ -223,6 +235,13 @@ def check_input_size(
             f"image: the resized model input {nw}x{nh} has {nh * nw:,} pixels, above the limit of "
             f"{max_pixels:,} (lower short_side or raise SegmentConfig.max_pixels)"
         )
+    if mode == "single" and single_max_pixels is not None and nh * nw > single_max_pixels:
+        raise io.ImageTooLargeError(
+            f"image: single mode's model input {nw}x{nh} has {nh * nw:,} pixels, above the limit of "
+            f"{single_max_pixels:,} (pass long_side / short_side, e.g. --long-side 2048, to "
+            "downscale, or raise SegmentConfig.single_max_pixels)"
+        )
+    return nh, nw
 
 
 def _below_thd_label(spec: ClassSpec, preset: Preset | None) -> tuple[int, bool]:
@@ -243,9 +262,12 @@ class SegmentationResult:
     """A segmentation at the original image resolution.
 
     Attributes:
-        labels: ``LongTensor [H, W]`` (cpu), class index per pixel.
+        labels: integer tensor ``[H, W]`` (cpu), class index per pixel, in the smallest dtype holding the
+            classes (``uint8`` up to 256 classes, then ``int16``, ``int32``; :func:`naclip.tiles.label_dtype`;
+            use ``labels.long()`` to index with it).
         probs: ``FloatTensor [C, H, W]`` (cpu), per-class probabilities (max over synonyms, renormalised to
-            sum 1).
+            sum 1), or ``None`` when they were not kept (larger than ``SegmentConfig.memory_budget``, or
+            ``keep_probs=False``; stream them to a file with ``predict(..., probs_path=...)``).
         class_names: ``C`` display names (``class_names[labels[y, x]]``).
         logits: raw cosine logits ``[Q, h, w]`` at model-input resolution (before resizing, PAMR and softmax),
             only when requested (``return_logits=True``), else ``None``.
@@ -259,7 +281,7 @@ class SegmentationResult:
     """
 
     labels: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     class_names: list[str]
     logits: torch.Tensor | None = None
     image: np.ndarray | None = field(default=None, repr=False)
@@ -299,6 +321,11 @@ class SegmentationResult:
 
     def save_probs(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
         """``probs`` as a float32 ``.npy`` ``[C, H, W]``, written atomically."""
+        if self.probs is None:
+            raise ValueError(
+                "probs: this result did not keep its probabilities (they exceed SegmentConfig.memory_budget "
+                "or keep_probs=False); pass probs_path= to predict to stream them to a .npy file"
+            )
         return io.save_probs(path, self.probs, protect=self._protect(protect))
 
     def summary(self) -> dict[str, Any]:
@@ -613,6 +640,8 @@ class Segmenter:
         stride: int | None = None,
         return_logits: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        probs_path: str | os.PathLike | None = None,
+        keep_probs: bool | None = None,
     ) -> SegmentationResult:
         """Segment ``image`` into ``classes`` (or the ``preset``'s classes).
 
@@ -621,7 +650,10 @@ class Segmenter:
         commas synonyms). ``preset``: one of :data:`naclip.presets.PRESET_NAMES`; it supplies the classes
         (unless ``classes`` is given), ``mode``, ``prob_thd``, ``short_side``/``long_side`` and PAMR on. Other
         arguments override (``None`` = preset or :class:`SegmentConfig` default). Returns labels/probs at the
-        original size.
+        original size. ``mode="single"`` runs at native resolution (rounded to the patch grid) unless
+        ``short_side`` / ``long_side`` are passed here (preset and config sizes do not apply).
+        ``probs_path``: stream the probabilities to this ``.npy`` (atomically, tile by tile, never the input
+        file); ``keep_probs``: keep them in the result (``None``: when they fit ``memory_budget``).
         """
         from naclip.methods import method_preset
 
@@ -641,14 +673,14 @@ class Segmenter:
         thd = _check_prob_thd(
             prob_thd if prob_thd is not None else (pre.prob_thd if pre is not None else cfg.prob_thd)
         )
-        if short_side is None:
-            short_side = pre.short_side if pre is not None else cfg.short_side
-        else:
+        if short_side is not None:
             _check_int("short_side", short_side, 1)
-        if long_side is None:
-            long_side = pre.long_side if pre is not None else cfg.long_side
-        else:
+        elif mode != "single":
+            short_side = pre.short_side if pre is not None else cfg.short_side
+        if long_side is not None:
             _check_int("long_side", long_side, 1)
+        elif mode != "single":
+            long_side = pre.long_side if pre is not None else cfg.long_side
         crop = crop if crop is not None else (pre.crop if pre is not None and pre.crop else cfg.crop)
         stride = (
             stride if stride is not None else (pre.stride if pre is not None and pre.stride else cfg.stride)
@@ -664,13 +696,14 @@ class Segmenter:
         source = Path(image) if isinstance(image, str | os.PathLike) else None
         rgb = io.load_image(image, max_pixels=cfg.max_pixels, exif_orientation=cfg.exif_orientation)
         h, w = rgb.shape[:2]
-        check_input_size(
+        nh, nw = check_input_size(
             h, w, patch=self.visual.patch_size, short_side=short_side, long_side=long_side,
-            max_pixels=cfg.max_pixels,
+            max_pixels=cfg.max_pixels, mode=mode, single_max_pixels=cfg.single_max_pixels,
         )  # fmt: skip
         below_label, has_background = _below_thd_label(spec, pre)
         feats, qidx, _ = self.text_features(spec, progress=progress)
-        x = inference.preprocess(rgb, short_side=short_side, long_side=long_side, device=self.device)
+        x = inference.preprocess(rgb, size=(nh, nw), device=self.device)
+        protect_paths = [source] if source is not None else []
         result = self.predict_from_features(
             x,
             feats,
@@ -688,6 +721,9 @@ class Segmenter:
             area_thd=area_thd,
             return_logits=return_logits,
             below_thd_label=below_label,
+            probs_path=probs_path,
+            keep_probs=keep_probs,
+            protect=protect_paths,
         )
         result.image = rgb
         result.source = source
@@ -721,6 +757,9 @@ class Segmenter:
         area_thd: float | None = None,
         return_logits: bool = False,
         below_thd_label: int = 0,
+        probs_path: str | os.PathLike | None = None,
+        keep_probs: bool | None = None,
+        protect: Iterable[os.PathLike | str] = (),
     ) -> SegmentationResult:
         """Run the pipeline from a normalised model input and precomputed query features (the official
         ``NACLIP.predict`` given ``query_features``/``query_idx``).
@@ -739,6 +778,8 @@ class Segmenter:
             area_thd: SCLIP's area filter (``None`` = off).
             return_logits: keep the raw logits ``[Q, H, W]`` (for slide: the window average) in the result.
             below_thd_label: label of pixels below ``prob_thd`` (default 0, the official background class).
+            probs_path, keep_probs: stream the probabilities to a ``.npy`` (never onto a ``protect`` path) /
+                keep them in the result (``None``: when ``4·C·oh·ow <= SegmentConfig.memory_budget``).
         """
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
@@ -771,21 +812,26 @@ class Segmenter:
             pad_crops=self.style.pad_crops,
             whole_size=tuple(int(v) for v in ori_shape) if self.style.whole_to_output else None,
         )
-        labels, probs = inference.postprocess(
-            logits,
-            image,
-            query_idx,
-            ori_shape=ori_shape,
-            num_classes=num_classes,
-            pamr_steps=pamr_steps,
-            pamr_dilations=pamr_dilations,
-            prob_thd=thd,
-            logit_scale=scale,
-            below_thd_label=below_thd_label,
-            area_thd=area_thd,
-            renormalize=self.style.renormalize,
-        )
-        n_cls = probs.shape[0]
+        post = {"ori_shape": ori_shape, "num_classes": num_classes, "pamr_steps": pamr_steps}
+        post |= {"pamr_dilations": pamr_dilations, "prob_thd": thd, "logit_scale": scale}
+        post |= {"memory_budget": self.config.memory_budget, "keep_probs": keep_probs}
+        post |= {"below_thd_label": below_thd_label, "area_thd": area_thd}
+        post |= {"renormalize": self.style.renormalize}
+        if probs_path is None:
+            labels, probs = inference.postprocess(logits, image, query_idx, **post)
+        else:
+            n_out = int(num_classes) if num_classes is not None else int(torch.as_tensor(query_idx).max()) + 1
+            shape = (n_out, int(ori_shape[0]), int(ori_shape[1]))
+            # validate every argument on a 1x1 output before the .npy is created
+            inference.postprocess(logits[:, :, :1, :1], image, query_idx, **(post | {"ori_shape": (1, 1)}))
+            out: list = []
+
+            def fill(sink):
+                out.extend(inference.postprocess(logits, image, query_idx, probs_sink=sink, **post))
+
+            io.save_probs_streaming(probs_path, shape, fill, protect=protect)
+            labels, probs = out
+        n_cls = int(num_classes) if num_classes is not None else int(torch.as_tensor(query_idx).max()) + 1
         if class_names is None:
             names = [f"class_{i}" for i in range(n_cls)]
         else:
