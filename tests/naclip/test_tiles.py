@@ -71,9 +71,15 @@ def test_memory_budget_sets_the_tiles_not_the_result():
     assert none[1] is None and torch.equal(none[0], big[0])  # 4·C·H·W > budget: probs not kept
 
 
-@pytest.mark.parametrize("hw,halo,budget,tile", [((300, 500), 160, 10**9, None), ((1000, 800), 160, 400_000, None),
-                                                   ((999, 20001), 160, 4_000_000, None), ((37, 41), 0, 1, (5, 7))],
-                         ids=["one-tile", "strips", "squares", "forced"])  # fmt: skip
+TILE_PLANS = [
+    ((300, 500), 160, 10**9, None),
+    ((1000, 800), 160, 400_000, None),
+    ((999, 20001), 160, 4_000_000, None),
+    ((37, 41), 0, 1, (5, 7)),
+]
+
+
+@pytest.mark.parametrize("hw,halo,budget,tile", TILE_PLANS, ids=["one-tile", "strips", "squares", "forced"])
 def test_plan_tiles_cover_every_pixel_once(hw, halo, budget, tile):
     cover = np.zeros(hw, dtype=np.int32)
     tiles = plan_tiles(*hw, halo=halo, max_pixels=budget, tile_hw=tile)
