@@ -321,7 +321,10 @@ def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarra
     """Label map ``H x W`` (ints in [0, 256)) -> uint8 RGB ``H x W x 3`` through ``palette`` (VOC by
     default)."""
     pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8)
-    return pal[np.asarray(labels) % len(pal)]
+    lab = np.asarray(labels)
+    if not (lab.dtype == np.uint8 and len(pal) >= 256):  # uint8 labels index a 256-entry palette directly
+        lab = lab.astype(np.int64, copy=False) % len(pal)  # (and `% 256` would overflow uint8)
+    return pal[lab]
 
 
 def _same_file(a: Path, b: Path) -> bool:
