@@ -802,7 +802,8 @@ def _segment_all(seg, todo, classes, preset, args, failures: list, inputs) -> bo
                 result = seg.predict(
                     path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
                     short_side=args.short_side, crop=args.crop, stride=args.stride,
-                    long_side=args.long_side, probs_path=plan.probs, keep_probs=False,
+                    long_side=args.long_side, probs_path=plan.probs,
+                    keep_probs=plan.json is not None or plan.heatmaps is not None,  # they read probs
                 )  # fmt: skip
                 result.save_mask(plan.mask, protect=protect)
                 written = True
