@@ -144,7 +144,8 @@ def _affinities(image: torch.Tensor, dils: tuple[int, ...]) -> torch.Tensor:
         diff = (image - _shifted(img_pad, pad, dy, dx, h, w)).abs_().div_(denom)
         torch.sum(diff, dim=1, out=aff[:, j])
         aff[:, j].div_(-k)
-    # softmax over the neighbours with float64 exponentials, rounded to float32: torch's float32 kernels round
-    # the tail of a vectorised run differently, which would make the result depend on the tensor's size
-    e = (aff - aff.amax(dim=1, keepdim=True)).double().exp_()
-    return e.div_(e.sum(dim=1, keepdim=True)).float()
+    # softmax over the neighbours along the last, contiguous dim of a pixel-major copy: every pixel
+    # (8n values) takes the same vector/tail code path whatever the tensor's size, so tiles agree bit for bit
+    # (over dim 1 torch vectorises across pixels and the scalar tail depends on the size)
+    soft = aff.permute(0, 2, 3, 1).contiguous().softmax(dim=-1)
+    return aff.copy_(soft.permute(0, 3, 1, 2))

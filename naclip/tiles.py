@@ -26,6 +26,8 @@ __all__ = ["BilinearAxis", "bilinear_axis", "label_dtype", "plan_tiles", "resize
 BilinearAxis = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 #: ``sink(block [C, th, tw] float32, r0, c0)`` receives the probabilities of each tile.
 ProbsSink = Callable[[torch.Tensor, int, int], None]
+#: Pixels per chunk of the class softmax (its temporaries are ``~(2Q + C)`` floats per chunk pixel).
+CLASSIFY_CHUNK_PIXELS = 1 << 18
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -101,12 +103,18 @@ def plan_tiles(
 
 
 def bytes_per_pixel(num_queries: int, num_classes: int, num_dilations: int, pamr_on: bool) -> int:
-    """Estimated peak working memory per pixel of a tile (its halo included), in float32 units times 4:
-    resized logits and PAMR's padded ping-pong masks ``3Q``, affinities ``8n`` (``3·8n`` while their float64
-    softmax runs) and guidance temporaries ``~6·3``; then the scaled logits ``Q``, float64 exponentials
-    ``2Q``, class maxima and renormalised probabilities ``2C``."""
-    pamr_floats = 3 * num_queries + 24 * num_dilations + 18 if pamr_on else num_queries
-    return 4 * (pamr_floats + 3 * num_queries + 2 * num_classes + 4)
+    """Estimated peak working memory per pixel of a tile (its halo included): ``4·(peak floats + 4)``.
+
+    The phases do not overlap, so the peak is their maximum: the resize ``3Q`` (output and two gathers);
+    PAMR's affinities ``Q + 3·8n + 18`` (the resized logits, affinities and their pixel-major softmax copies,
+    guidance temporaries) and iterations ``3Q + 8n + 3`` (input, padded and new masks, affinities, guidance);
+    the class softmax ``Q + C`` (the tile's logits and its core's probabilities; its own temporaries are
+    bounded by :data:`CLASSIFY_CHUNK_PIXELS`)."""
+    q, c, n = num_queries, num_classes, num_dilations
+    floats = max(3 * q, q + c)
+    if pamr_on:
+        floats = max(floats, q + 24 * n + 18, 3 * q + 8 * n + 3)
+    return 4 * (floats + 4)
 
 
 def run_tiles(
@@ -163,32 +171,47 @@ def run_tiles(
     return labels, probs_all
 
 
-def _softmax0(z: torch.Tensor) -> torch.Tensor:
-    """``softmax(z, dim=0)`` in float32 with the exponentials and sums taken in float64.
+def _softmax_last(z: torch.Tensor) -> torch.Tensor:
+    """``softmax(z, dim=-1)`` (float32) of a contiguous ``[..., K]`` tensor, one ``K``-vector per pixel.
 
-    torch's float32 softmax/exp kernels treat the last elements of a vectorised run with scalar code whose
-    rounding can differ by one ulp, and which elements those are depends on the tensor's size, i.e. on the
-    tile. Rounding a float64 result to float32 makes the value independent of the code path (except for a
-    float64 rounding landing on a float32 half-way point), so every tiling gives the same probabilities.
+    torch's softmax over a *non-last* dim vectorises across pixels, so which pixels fall in a scalar tail
+    (and round differently by one ulp) depends on the tensor's size, i.e. on the tile. Over the last,
+    contiguous dim every pixel's ``K`` values go through the same vector/tail split whatever the tile, so
+    the result of a pixel depends on its values only (``docs/postprocess.md``).
     """
-    e = (z - z.amax(dim=0, keepdim=True)).double().exp_()
-    return e.div_(e.sum(dim=0, keepdim=True)).float()
+    return z.softmax(dim=-1)
 
 
 def _classify(
     logits: torch.Tensor, qidx: torch.Tensor, n_cls: int, identity: bool, thd: float, scale: float, below: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[Q, h, w]`` logits -> labels ``[h, w]`` (pixels below ``thd`` get ``below``; the smallest dtype
-    holding ``max(n_cls, below + 1)`` labels) and renormalised class probabilities ``[C, h, w]`` (spec §2.5
-    steps 3-6)."""
-    probs = _softmax0(logits * float(scale))
+    holding ``max(n_cls, below + 1)`` labels) and renormalised class probabilities ``[C, h, w]`` (a view of a
+    pixel-major ``[h, w, C]`` tensor; spec §2.5 steps 3-6), computed in row chunks of about
+    :data:`CLASSIFY_CHUNK_PIXELS` pixels so their temporaries stay small."""
+    q, h, w = logits.shape
+    labels = torch.empty((h, w), dtype=label_dtype(max(n_cls, below + 1)), device=logits.device)
+    probs = torch.empty((h, w, n_cls), dtype=torch.float32, device=logits.device)
+    step = max(1, CLASSIFY_CHUNK_PIXELS // max(w, 1))
+    for r in range(0, h, step):
+        _classify_rows(logits[:, r : r + step], qidx, identity, thd, scale, below, labels[r : r + step],
+                       probs[r : r + step])  # fmt: skip
+    return labels, probs.permute(2, 0, 1)
+
+
+def _classify_rows(logits, qidx, identity, thd, scale, below, labels_out, probs_out) -> None:
+    """One row chunk of :func:`_classify`, written into ``labels_out [h, w]`` / ``probs_out [h, w, C]``."""
+    z = torch.empty(probs_out.shape[:2] + (logits.shape[0],), dtype=torch.float32, device=logits.device)
+    torch.mul(logits.permute(1, 2, 0), float(scale), out=z)  # pixel-major [h, w, Q]
+    p = _softmax_last(z)
+    del z
     if not identity:
-        cls_probs = probs.new_zeros((n_cls,) + tuple(probs.shape[1:]))
         # max over each class's queries; probabilities are >= 0 so the zero init is neutral
-        cls_probs.scatter_reduce_(0, qidx.view(-1, 1, 1).expand_as(probs), probs, "amax", include_self=True)
-        probs = cls_probs
-    top = probs.amax(dim=0)
-    labels = probs.argmax(dim=0)
-    labels[top < thd] = below
-    probs /= probs.sum(dim=0, keepdim=True)
-    return labels.to(label_dtype(max(n_cls, below + 1))), probs
+        probs_out.zero_().scatter_reduce_(-1, qidx.expand_as(p), p, "amax", include_self=True)
+    else:
+        probs_out.copy_(p)
+    del p
+    lab = probs_out.argmax(dim=-1)
+    lab[probs_out.amax(dim=-1) < thd] = below
+    labels_out.copy_(lab)
+    probs_out.div_(probs_out.sum(dim=-1, keepdim=True))
