@@ -27,7 +27,7 @@ BilinearAxis = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 #: ``sink(block [C, th, tw] float32, r0, c0)`` receives the probabilities of each tile.
 ProbsSink = Callable[[torch.Tensor, int, int], None]
 #: Pixels per chunk of the class softmax (its temporaries are ``~(2Q + C)`` floats per chunk pixel).
-CLASSIFY_CHUNK_PIXELS = 1 << 18
+CLASSIFY_CHUNK_PIXELS = 1 << 16
 
 
 def label_dtype(num_classes: int) -> torch.dtype:

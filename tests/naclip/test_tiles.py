@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from naclip_test_support import tiny_clip
 
 import naclip.inference as inf
+import naclip.tiles as tiles_mod
 from naclip import SegmentConfig, Segmenter
 from naclip.cli import byte_size
 from naclip.io import ImageTooLargeError
 from naclip.pamr import pamr
-from naclip.tiles import bilinear_axis, label_dtype, plan_tiles, resize_region
+from naclip.tiles import bilinear_axis, bytes_per_pixel, label_dtype, plan_tiles, resize_region
 
 
 def _legacy(logits, image, qidx, oh, ow, steps, dils, thd):
@@ -88,6 +89,31 @@ def test_plan_tiles_cover_every_pixel_once(hw, halo, budget, tile):
     assert (cover == 1).all()
     if tile is None and hw[0] * hw[1] > budget:
         assert len(tiles) > 1
+
+
+# tile cores of 1-pixel rows / columns, prime sizes and sizes around the vector widths (8, 16): the float32
+# softmaxes must give the same bits whatever size the tensors they run on have
+ODD_TILES = [(1, 97), (97, 1), (7, 13), (16, 17), (33, 64)]
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["no-pamr", "pamr2"])
+@pytest.mark.parametrize("tile", ODD_TILES, ids=[f"{h}x{w}" for h, w in ODD_TILES])
+def test_float32_softmaxes_do_not_depend_on_the_tile_size(tile, steps, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    logits, image = 0.3 * torch.randn(1, 19, 9, 11, generator=g), torch.randn(1, 3, 9, 11, generator=g)
+    qidx = [i % 13 for i in range(19)]
+    kw = {"ori_shape": (71, 97), "pamr_steps": steps, "pamr_dilations": (2, 3), "prob_thd": 0.2}
+    labels, probs = inf.postprocess(logits, image, qidx, **kw)
+    monkeypatch.setattr(tiles_mod, "CLASSIFY_CHUNK_PIXELS", 37)  # class-softmax chunks of a few rows too
+    tiled_labels, tiled_probs = inf.postprocess(logits, image, qidx, tile_hw=tile, **kw)
+    assert torch.equal(tiled_labels, labels) and torch.equal(tiled_probs, probs)
+
+
+def test_memory_model_puts_a_2048_naclip_output_in_one_tile():
+    bpp = bytes_per_pixel(21, 21, 2, True)  # VOC-21, one query per class, PAMR dilations (8, 16)
+    assert bpp < inf.DEFAULT_MEMORY_BUDGET // (2048 * 2048)
+    assert len(plan_tiles(2048, 2048, halo=160, max_pixels=inf.DEFAULT_MEMORY_BUDGET // bpp)) == 1
+    assert bytes_per_pixel(21, 500, 2, True) > bpp  # many classes: the class probabilities dominate
 
 
 def test_bilinear_axis_matches_torch_and_regions_match_the_full_resize():
