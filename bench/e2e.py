@@ -417,7 +417,8 @@ def _markdown(rows: list[dict], speed: list[dict], machine: dict, threads: int) 
     dirty = " dirty" if m["git_dirty"] else ""
     load = m["loadavg_at_start"][0] if m["loadavg_at_start"] else float("nan")
     lines = [
-        f"End-to-end, random-init ViT-B-16, fp32, {threads} threads, {NUM_QUERIES} queries, PAMR off except the photo* product cases (10 steps) "
+        f"End-to-end, random-init ViT-B-16, fp32, {threads} threads, {NUM_QUERIES} queries, "
+        "PAMR off except in the photo* product cases (10 steps) "
         f"({m['cpu_model']}, {m['cpu_count']} CPUs, {m['mem_total_gb']} GB; torch {m['versions']['torch']}, "
         f"open_clip {m['versions']['open_clip']}; git {(m['git_sha'] or 'unknown')[:10]}{dirty}; "
         f"load avg {load:.1f})",
