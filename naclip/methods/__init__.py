@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from naclip.methods._params import RESCLIP_PARAMS
+
 __all__ = [
     "METHODS",
     "METHOD_NAMES",
@@ -195,18 +197,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 _resclip,
                 config={**_SLIDE, "logit_scale": 40.0},
                 presets=_resclip_presets(),
-                params=(
-                    "rcs",
-                    "sfr",
-                    "rcs_layers",
-                    "rcs_weights",
-                    "sfr_weights",
-                    "temp_thd",
-                    "delete_same_entity",
-                    "logit_scale",
-                    "sfr_pamr_steps",
-                    "sfr_pamr_dilations",
-                ),
+                params=RESCLIP_PARAMS,
             ),
             Method(
                 "scclip",

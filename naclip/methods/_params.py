@@ -87,3 +87,18 @@ def check_pair(name: str, value: object) -> tuple[float, float]:
     if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2:
         raise TypeError(f"{name}: expected a pair (tau, lambda), got {value!r}")
     return check_positive(f"{name}[0]", value[0]), check_fraction(f"{name}[1]", value[1])
+
+
+#: The keyword parameters ResCLIP accepts (``method_params``), in its official config order.
+RESCLIP_PARAMS = (
+    "rcs",
+    "sfr",
+    "rcs_layers",
+    "rcs_weights",
+    "sfr_weights",
+    "temp_thd",
+    "delete_same_entity",
+    "logit_scale",
+    "sfr_pamr_steps",
+    "sfr_pamr_dilations",
+)

@@ -34,7 +34,14 @@ from naclip.methods._blocks import (
     last_block_attention,
     run_blocks,
 )
-from naclip.methods._params import check_fraction, check_layers, check_pair, check_positive, map_layer_range
+from naclip.methods._params import (
+    RESCLIP_PARAMS,
+    check_fraction,
+    check_layers,
+    check_pair,
+    check_positive,
+    map_layer_range,
+)
 from naclip.model import NaclipVisual
 from naclip.pamr import pamr as _pamr
 
@@ -175,11 +182,13 @@ class ResclipVisual(NaclipVisual):
     def configure(self, **params) -> None:
         """Change method parameters (names of ``__init__``; ``arch`` / ``gaussian_std`` via ``set_params``);
         all are validated before any is applied."""
-        new = {k: getattr(self, k) for k in _PARAMS if hasattr(self, k)}
-        unknown = sorted(set(params) - set(_PARAMS) - {"arch", "gaussian_std"})
+        new = {k: getattr(self, k) for k in RESCLIP_PARAMS if hasattr(self, k)}
+        unknown = sorted(set(params) - set(RESCLIP_PARAMS) - {"arch", "gaussian_std"})
         if unknown:
-            raise ValueError(f"ResCLIP parameters: unknown {unknown}; expected some of {sorted(_PARAMS)}")
-        new.update({k: v for k, v in params.items() if k in _PARAMS})
+            raise ValueError(
+                f"ResCLIP parameters: unknown {unknown}; expected some of {sorted(RESCLIP_PARAMS)}"
+            )
+        new.update({k: v for k, v in params.items() if k in RESCLIP_PARAMS})
         depth = len(self.visual.transformer.resblocks)
         for flag in ("rcs", "sfr", "delete_same_entity"):
             if not isinstance(new[flag], bool):
@@ -319,17 +328,3 @@ class ResclipVisual(NaclipVisual):
     def forward(self, images: Tensor, text: Tensor | None = None) -> Tensor:
         """Dense features ``[B, 1 + gh*gw, output_dim]`` (token 0 = CLS; not L2-normalised)."""
         return self.forward_intermediates(images, text)["dense"]
-
-
-_PARAMS = (
-    "rcs",
-    "sfr",
-    "rcs_layers",
-    "rcs_weights",
-    "sfr_weights",
-    "temp_thd",
-    "delete_same_entity",
-    "logit_scale",
-    "sfr_pamr_steps",
-    "sfr_pamr_dilations",
-)
