@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from naclip.methods._params import RESCLIP_PARAMS
+from naclip.methods._params import RESCLIP_PARAMS, SCCLIP_PARAMS
 
 __all__ = [
     "METHODS",
@@ -214,16 +214,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                     "coco_object": {"logit_scale": 55.0, "prob_thd": 0.35},
                     "cityscapes": {"short_side": 560},
                 },
-                params=(
-                    "pre_adjust_idx",
-                    "post_adjust_idx",
-                    "multi_start_idx",
-                    "multi_end_idx",
-                    "res_cls",
-                    "beta",
-                    "lof_neighbors",
-                    "lof_contamination",
-                ),
+                params=SCCLIP_PARAMS,
             ),
         )
     }

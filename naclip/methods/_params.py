@@ -102,3 +102,15 @@ RESCLIP_PARAMS = (
     "sfr_pamr_steps",
     "sfr_pamr_dilations",
 )
+
+#: The keyword parameters SC-CLIP accepts (``method_params``), in its official config order.
+SCCLIP_PARAMS = (
+    "pre_adjust_idx",
+    "post_adjust_idx",
+    "multi_start_idx",
+    "multi_end_idx",
+    "res_cls",
+    "beta",
+    "lof_neighbors",
+    "lof_contamination",
+)

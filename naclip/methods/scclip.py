@@ -27,7 +27,7 @@ from torch import Tensor
 
 import naclip_kernels
 from naclip.methods._blocks import finish_block, last_block_attention, run_blocks
-from naclip.methods._params import check_fraction, check_index, check_positive, map_layer_index
+from naclip.methods._params import SCCLIP_PARAMS, check_fraction, check_index, check_positive, map_layer_index
 from naclip.model import NaclipVisual
 
 __all__ = ["ScclipVisual", "default_scclip_layers", "lof_outliers", "repair_outliers"]
@@ -149,10 +149,12 @@ class ScclipVisual(NaclipVisual):
 
     def configure(self, **params) -> None:
         """Change method parameters (names of ``__init__``); all validated before any is applied."""
-        unknown = sorted(set(params) - set(_PARAMS))
+        unknown = sorted(set(params) - set(SCCLIP_PARAMS))
         if unknown:
-            raise ValueError(f"SC-CLIP parameters: unknown {unknown}; expected some of {sorted(_PARAMS)}")
-        new = {k: getattr(self, k, None) for k in _PARAMS}
+            raise ValueError(
+                f"SC-CLIP parameters: unknown {unknown}; expected some of {sorted(SCCLIP_PARAMS)}"
+            )
+        new = {k: getattr(self, k, None) for k in SCCLIP_PARAMS}
         new.update(params)
         count = len(self.visual.transformer.resblocks) - 1  # intermediate outputs
         auto = default_scclip_layers(count + 1)
@@ -238,15 +240,3 @@ class ScclipVisual(NaclipVisual):
     def forward(self, images: Tensor) -> Tensor:
         """Dense features ``[B, gh*gw, output_dim]`` (patch tokens only, no CLS)."""
         return self.forward_intermediates(images)["dense"]
-
-
-_PARAMS = (
-    "pre_adjust_idx",
-    "post_adjust_idx",
-    "multi_start_idx",
-    "multi_end_idx",
-    "res_cls",
-    "beta",
-    "lof_neighbors",
-    "lof_contamination",
-)
