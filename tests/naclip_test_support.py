@@ -60,3 +60,22 @@ def tiny_clip(seed: int = 0, *, vision_layers: int = 2):
         quick_gelu=True,
     )
     return model.eval()
+
+
+#: A 1-block random open_clip CLIP (64 px, patch 16) for CLI tests that build the model from a JSON config.
+TINY_CLI_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def register_tiny_config(directory: Path, name: str, cfg: dict = TINY_CLI_CFG) -> Path:
+    """Write ``cfg`` as ``<directory>/<name>.json``, register it with open_clip and return the path."""
+    import open_clip
+
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return path

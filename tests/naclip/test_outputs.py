@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from naclip_test_support import REPO_ROOT, tiny_clip
+from naclip_test_support import REPO_ROOT, register_tiny_config, tiny_clip
 from PIL import Image
 
 from naclip import outputs
@@ -19,12 +19,6 @@ from naclip.cli import main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = "naclip-outputs-tiny"
-TINY_CFG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 def _random_result(h: int, w: int, n_cls: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -38,12 +32,7 @@ def _random_result(h: int, w: int, n_cls: int, seed: int = 0) -> tuple[np.ndarra
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import open_clip
-
-    cfg = tmp_path_factory.mktemp("tiny_cfg") / f"{TINY}.json"
-    cfg.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(cfg)
-    return cfg
+    return register_tiny_config(tmp_path_factory.mktemp("tiny_cfg"), TINY)
 
 
 @pytest.mark.parametrize(
