@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import AttentionSpec
+from ._layout import empty_output
 from .torch_backend import torch_attention
 from .torch_backward import torch_backward
 
@@ -51,15 +52,16 @@ def torch_fwd(
     scale: float,
     num_prefix_tokens: int,
 ) -> tuple[Tensor, Tensor]:
-    """Forward of the torch backend: ``(out [B, H, N, D] contiguous, lse [B, H, N])``."""
+    """Forward of the torch backend: ``(out [B, H, N, D], lse [B, H, N])``; ``out``'s memory order follows
+    q's (:mod:`naclip_kernels._layout`)."""
     spec = _spec(q, sigma, bias_scale, grid_hw, sigma_value, bias_scale_value, scale, num_prefix_tokens)
     return torch_attention(q, k, v, spec, with_lse=True)
 
 
 @torch_fwd.register_fake
 def _(q, k, v, sigma, bias_scale, grid_hw, sigma_value, bias_scale_value, scale, num_prefix_tokens):
-    B, H, N, D = q.shape
-    out = q.new_empty(B, H, N, D)
+    B, H, N, _ = q.shape
+    out = empty_output(q)
     lse = q.new_empty(B, H, N, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._checks import AttentionSpec, check_inputs, has_internal_overlap
+from ._layout import in_output_layout
 from .reference import reference_attention
 from .torch_backend import torch_attention
 
@@ -170,7 +171,11 @@ def gaussian_attention(
     ``torch.export`` work.
 
     Returns:
-        ``[B, H, N, D]`` contiguous tensor in the input dtype. NaN inputs propagate to NaN outputs.
+        ``[B, H, N, D]`` tensor in the input dtype, on every backend stored in q's memory order: contiguous,
+        except for a token-major q (head stride < token stride, e.g. heads split off a packed
+        ``[B, N, 3, H, D]`` projection), where it is stored ``[B, N, H, D]`` so that the head merge
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view (as CPU SDPA does). NaN inputs propagate to NaN
+        outputs.
 
     Raises:
         TypeError / ValueError: invalid inputs (naming the argument, expected and received values); a
@@ -188,7 +193,7 @@ def gaussian_attention(
         if spec.device.type == "cuda":
             mod, reasons = _triton_reasons(q, k, v, spec)
             if not reasons:
-                return _finish(mod.triton_attention(q, k, v, spec), spec)
+                return _finish(mod.triton_attention(q, k, v, spec), q, spec)
 
     if name == "triton":
         mod, reasons = _triton_reasons(q, k, v, spec)
@@ -197,15 +202,15 @@ def gaussian_attention(
                 "backend='triton' cannot run these inputs "
                 f"(shape {tuple(q.shape)}, {spec.dtype}, {spec.device}): " + "; ".join(reasons)
             )
-        return _finish(mod.triton_attention(q, k, v, spec), spec)
+        return _finish(mod.triton_attention(q, k, v, spec), q, spec)
     if name == "torch":
         if torch.compiler.is_compiling() or _needs_grad(q, k, v, spec):
             from ._library import torch_attention_op
 
             return torch_attention_op(q, k, v, spec)
-        return _finish(torch_attention(q, k, v, spec), spec)
+        return _finish(torch_attention(q, k, v, spec), q, spec)
     # "reference"
-    return reference_attention(
+    out = reference_attention(
         q,
         k,
         v,
@@ -215,13 +220,14 @@ def gaussian_attention(
         num_prefix_tokens=spec.num_prefix_tokens,
         bias_scale=spec.bias_scale,
     )
+    return in_output_layout(out, q)
 
 
-def _finish(out: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Guarantee the output contract: ``[B, H, N, D]``, input dtype, contiguous."""
+def _finish(out: torch.Tensor, q: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Guarantee the output contract: ``[B, H, N, D]``, input dtype, q's memory order."""
     expected = (spec.B, spec.H, spec.N, spec.D)
     if tuple(out.shape) != expected:
         raise RuntimeError(f"internal: backend returned shape {tuple(out.shape)}, expected {expected}")
     if out.dtype != spec.dtype:
         out = out.to(spec.dtype)
-    return out.contiguous()
+    return in_output_layout(out, q)

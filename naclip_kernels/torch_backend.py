@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ._bias import BIAS_EPS as BAND_EPS  # noqa: F401 (re-exported: the torch backend's name)
 from ._bias import band_radius
 from ._checks import AttentionSpec
+from ._layout import empty_output, in_output_layout
 from .reference import gaussian_factors
 
 __all__ = ["torch_attention", "plan_chunks", "clear_workspace", "ChunkPlan", "DEFAULT_BUDGET_BYTES"]
@@ -419,9 +420,9 @@ def torch_attention(
     if C == N and (R < 0 or _band(spec, 0, N, R) is None):
         mask = None if builder is None or R == -1 else builder.fill(0, N)[None]
         o, lse = _sdpa(q_, k_, v_, mask, spec.scale, with_lse)
-        o = o.contiguous()  # no-op for [B, H, N, D]-ordered inputs; one copy for [B, N, H, D] views
+        o = in_output_layout(o, q)  # CPU flash returns token-major: a copy only for head-major q
         return (o, lse_all.copy_(lse)) if with_lse else o  # type: ignore[union-attr]
-    out = torch.empty(spec.B, spec.H, N, spec.D, dtype=spec.dtype, device=spec.device)
+    out = empty_output(q)
     for s in range(0, N, C):
         e = min(N, s + C)
         pieces = key_pieces(spec, builder, s, e, R) if builder is not None else [(0, N, None)]

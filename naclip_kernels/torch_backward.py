@@ -16,6 +16,7 @@ import torch
 
 from ._bias import band_rows, gaussian, gaussian_coef
 from ._checks import AttentionSpec
+from ._layout import empty_output
 from .torch_backend import (
     _band,
     _BiasBuilder,
@@ -98,7 +99,7 @@ def explicit_forward(
     ``out = exp(S - lse) V``. ``±inf`` scores give NaN rows, as in float32 attention."""
     work, C = _work(spec), _explicit_rows(spec, budget_bytes)
     params = bias_params(spec) if spec.has_bias else None
-    out = torch.empty(spec.B, spec.H, spec.N, spec.D, dtype=spec.dtype, device=spec.device)
+    out = empty_output(q)
     lse = torch.empty(spec.B, spec.H, spec.N, dtype=_lse_dtype(spec), device=spec.device)
     kw, vw = k.to(work), v.to(work)
     for s in range(0, spec.N, C):

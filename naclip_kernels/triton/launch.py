@@ -17,6 +17,7 @@ import triton
 from torch.library import wrap_triton
 
 from .. import _bias
+from .._layout import empty_output
 from . import configs
 from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .fwd import attn_fwd_kernel
@@ -195,9 +196,10 @@ def _meta(q: torch.Tensor, has_bias: bool, q_is_k: bool) -> dict:
 def run_fwd(
     q, k, v, table, rows, *, grid_hw, num_prefix, scale, has_bias, q_is_k, store_lse
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, N, D] contiguous in q.dtype, lse [B, H, N] fp32 or an empty tensor)``."""
+    """``(out [B, H, N, D] in q.dtype and q's memory order (:mod:`naclip_kernels._layout`), lse [B, H, N]
+    fp32 or an empty tensor)``."""
     B, H, N, D = q.shape
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    out = empty_output(q)
     lse = torch.empty((B, H, N) if store_lse else (0,), dtype=torch.float32, device=q.device)
     gh, gw = grid_hw
     args = (

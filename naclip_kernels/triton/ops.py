@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
+from .._layout import empty_output
 from . import configs, launch
 
 __all__ = ["triton_attention"]
@@ -79,10 +80,11 @@ def triton_bwd(
 
 @triton_fwd.register_fake
 def _triton_fwd_fake(q, k, v, table, rows, sigma, bias_scale, *args: Any) -> tuple[Tensor, Tensor]:
-    """Shapes only: ``out`` like a contiguous q, ``lse`` ``[B, H, N]`` fp32 (``[0]`` unless ``store_lse``)."""
+    """Shapes only: ``out`` as :func:`empty_output` makes it, ``lse`` ``[B, H, N]`` fp32 (``[0]`` unless
+    ``store_lse``)."""
     B, H, N, _ = q.shape
     store_lse = args[-1]
-    return q.new_empty(q.shape), q.new_empty((B, H, N) if store_lse else (0,), dtype=torch.float32)
+    return empty_output(q), q.new_empty((B, H, N) if store_lse else (0,), dtype=torch.float32)
 
 
 @triton_bwd.register_fake
