@@ -32,8 +32,14 @@ from naclip.cli._args import (
     text_progress,
 )
 from naclip.cli._loader import load_segmenter, model_options, register_model_config
-from naclip.cli._paths import OutputPaths, check_out_dir, collect_inputs, make_out_dir, plan_outputs
-from naclip.cli._paths import remove_if_empty as _remove_if_empty
+from naclip.cli._paths import (
+    OutputPaths,
+    check_out_dir,
+    collect_inputs,
+    make_out_dir,
+    plan_outputs,
+    remove_if_empty,
+)
 
 # ------------------------------------------------------------------------------------------------ parser
 
@@ -297,7 +303,7 @@ def run(args) -> int:
                                  protect=inputs)  # fmt: skip
     finally:
         if not written:
-            _remove_if_empty(created)
+            remove_if_empty(created)
     return _report(len(inputs) - len(failures), len(inputs), out_dir, failures)
 
 

@@ -148,7 +148,7 @@ def build_parser():
     """The ``python -m naclip.eval.synthetic`` argument parser."""
     import argparse
 
-    from naclip.cli._args import non_negative_int, positive_int, probability
+    from naclip.cli import non_negative_int, positive_int, probability
 
     p = argparse.ArgumentParser(
         prog="python -m naclip.eval.synthetic",
