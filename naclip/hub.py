@@ -484,58 +484,79 @@ def load_clip(
     if checkpoint is None and tag is not None and os.path.isfile(tag):
         checkpoint, tag, source = tag, None, "the pretrained argument"
 
-    schema = name.startswith(("hf-hub:", "local-dir:"))
-    if schema:
+    if name.startswith(("hf-hub:", "local-dir:")):
         if checkpoint is not None:
             raise ValueError(f"checkpoint cannot be combined with the schema model name {name!r}")
-        offline: bool | str = _hf_offline()
-        if not offline and name.startswith("hf-hub:"):
-            offline = _unreachable(_hub_endpoint()) or False
-        try:
-            with _hf_offline_mode() if isinstance(offline, str) else contextlib.nullcontext():
-                clip = open_clip.create_model(name, precision=precision, device=dev, cache_dir=cache)
-        except Exception as exc:
-            if name.startswith("hf-hub:"):
-                raise _unavailable(
-                    name, None, [f"{name} in {_hf_cache_dir(cache)}"], (_hf_cache_dir(cache),), _short(exc),
-                    offline,
-                ) from None  # fmt: skip
-            raise ValueError(f"could not create open_clip model {name!r}: {_short(exc)}") from None
+        clip = _create_schema_model(name, precision=precision, device=dev, cache=cache)
     else:
-        ckpt_path: Path | None = None
-        quick_gelu = False
-        tag_cfg: dict = {}
-        if checkpoint is not None:
-            ckpt_path = Path(os.fspath(checkpoint)).expanduser()
-            if not ckpt_path.is_file():
-                raise FileNotFoundError(f"checkpoint file {str(ckpt_path)!r} (from {source}) does not exist")
-            if tag is not None and open_clip.get_pretrained_cfg(name, tag):
-                quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
-            quick_gelu = quick_gelu or _is_torchscript(ckpt_path)
-        elif tag is not None:
-            tag_cfg = _tag_cfg(name, tag)
-            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-            ckpt_path = Path(_fetch_tag(name, tag, tag_cfg, cache))
-            source = f"pretrained={tag!r}"
-        with _quiet_random_init() if ckpt_path is not None else contextlib.nullcontext():
-            clip = open_clip.create_model(
-                name,
-                pretrained=None,
-                precision=precision,
-                device=dev,
-                force_quick_gelu=quick_gelu,
-                pretrained_image=False,
-                pretrained_text=False,
-            )
-        if ckpt_path is not None:
-            _load_weights(clip, ckpt_path, name, source)
+        clip = _create_named_model(
+            name, tag, checkpoint, source=source, precision=precision, device=dev, cache=cache
+        )
     if not isinstance(getattr(clip, "visual", None), VisionTransformer):
         raise ValueError(
             f"model {name!r} has a {type(getattr(clip, 'visual', None)).__name__} image tower; NACLIP "
             "needs an open_clip VisionTransformer (CLIP ViT)"
         )
+    return clip.eval(), _load_tokenizer(name, tag, cache)
+
+
+def _create_schema_model(name: str, *, precision: str, device, cache: str | None):
+    """An ``hf-hub:`` / ``local-dir:`` model through open_clip (offline mode when the hub is unreachable);
+    hub failures become :class:`WeightsUnavailableError`, others ``ValueError``."""
+    offline: bool | str = _hf_offline()
+    if not offline and name.startswith("hf-hub:"):
+        offline = _unreachable(_hub_endpoint()) or False
     try:
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache)
+        with _hf_offline_mode() if isinstance(offline, str) else contextlib.nullcontext():
+            return open_clip.create_model(name, precision=precision, device=device, cache_dir=cache)
+    except Exception as exc:
+        if name.startswith("hf-hub:"):
+            raise _unavailable(
+                name, None, [f"{name} in {_hf_cache_dir(cache)}"], (_hf_cache_dir(cache),), _short(exc),
+                offline,
+            ) from None  # fmt: skip
+        raise ValueError(f"could not create open_clip model {name!r}: {_short(exc)}") from None
+
+
+def _create_named_model(
+    name: str, tag: str | None, checkpoint, *, source: str, precision: str, device, cache: str | None
+):
+    """A built-in open_clip model with random init, then the weights of ``checkpoint`` (from ``source``) or
+    of the fetched ``tag`` (none when both are ``None``)."""
+    ckpt_path: Path | None = None
+    quick_gelu = False
+    if checkpoint is not None:
+        ckpt_path = Path(os.fspath(checkpoint)).expanduser()
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"checkpoint file {str(ckpt_path)!r} (from {source}) does not exist")
+        if tag is not None and open_clip.get_pretrained_cfg(name, tag):
+            quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+        quick_gelu = quick_gelu or _is_torchscript(ckpt_path)
+    elif tag is not None:
+        tag_cfg = _tag_cfg(name, tag)
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        ckpt_path = Path(_fetch_tag(name, tag, tag_cfg, cache))
+        source = f"pretrained={tag!r}"
+    with _quiet_random_init() if ckpt_path is not None else contextlib.nullcontext():
+        clip = open_clip.create_model(
+            name,
+            pretrained=None,
+            precision=precision,
+            device=device,
+            force_quick_gelu=quick_gelu,
+            pretrained_image=False,
+            pretrained_text=False,
+        )
+    if ckpt_path is not None:
+        _load_weights(clip, ckpt_path, name, source)
+    return clip
+
+
+def _load_tokenizer(name: str, tag: str | None, cache: str | None):
+    """``open_clip.get_tokenizer(name)``; a failure (offline, not cached) is a
+    :class:`WeightsUnavailableError`."""
+    try:
+        return open_clip.get_tokenizer(name, cache_dir=cache)
     except Exception as exc:
         raise _unavailable(
             name,
@@ -545,4 +566,3 @@ def load_clip(
             _short(exc),
             _hf_offline(),
         ) from None
-    return clip.eval(), tokenizer

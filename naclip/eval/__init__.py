@@ -3,7 +3,7 @@
 * :mod:`naclip.eval.datasets`: readers for the 8 benchmark layouts (:class:`EvalDataset`, :data:`DATASETS`).
 * :mod:`naclip.eval.metrics`: joint histogram -> IoU / Acc / mIoU / mAcc / aAcc (:func:`compute_metrics`).
 * :mod:`naclip.eval.runner`: the resumable, distributed evaluation loop (:func:`evaluate`).
-* :mod:`naclip.eval.cli`: ``naclip eval`` / ``naclip score`` / ``python -m naclip.eval``.
+* ``python -m naclip.eval``: ``naclip eval`` (:mod:`naclip.cli.eval`), the entry point for torchrun.
 * :mod:`naclip.eval.convert_coco_object`: COCO-Object labels from COCO-Stuff.
 """
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from naclip.eval.cli import main
+from naclip.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from naclip.eval import cli as eval_cli
+from naclip.cli import eval as eval_cli
 from naclip.eval.synthetic import make_synthetic_dataset
 
 

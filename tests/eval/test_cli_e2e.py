@@ -221,7 +221,7 @@ def test_paper_offline_gives_weights_error(tmp_path, capsys, monkeypatch):
 
 
 def test_paper_numbers_table():
-    from naclip.eval.cli import PAPER_SETTINGS
+    from naclip.cli.eval import PAPER_SETTINGS
     from naclip.eval.paper import paper_miou
 
     assert paper_miou("voc21", True)[0] == 64.07 and paper_miou("voc21", False)[0] == 58.9
@@ -281,7 +281,7 @@ def test_markdown_paper_not_reported():
 
 
 def test_method_settings_come_from_the_method_preset():
-    from naclip.eval import cli as eval_cli
+    from naclip.cli import eval as eval_cli
     from naclip.presets import get_preset
 
     args = eval_cli.build_parser().parse_args(
@@ -300,5 +300,5 @@ def test_method_settings_come_from_the_method_preset():
     args = eval_cli.build_parser().parse_args(
         ["--dataset", "voc21", "--root", "x", "--method", "sclip", "--paper", "--crop", "448"]
     )
-    with pytest.raises(eval_cli.EvalUserError, match="--crop 448"):
+    with pytest.raises(eval_cli.UserError, match="--crop 448"):
         eval_cli.resolve_settings(args, get_preset("voc21"))

@@ -273,19 +273,18 @@ def test_no_network_without_hf_hub_offline_fails_at_once(
 
 
 def test_eval_and_score_are_registered() -> None:
-    import naclip.eval.cli as eval_cli  # part of the package: a broken import must fail, not skip
+    import naclip.cli.eval as eval_cli  # part of the package: a broken import must fail, not skip
+    import naclip.cli.score as score_cli
 
-    assert callable(eval_cli.add_eval_parser) and callable(eval_cli.add_score_parser)
+    assert callable(eval_cli.add_parser) and callable(score_cli.add_parser)
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"segment", "eval", "score"} <= set(sub.choices)
 
 
 def test_broken_eval_import_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
-    import naclip.eval
-
-    monkeypatch.setitem(sys.modules, "naclip.eval.cli", None)  # import naclip.eval.cli -> ImportError
-    monkeypatch.delattr(naclip.eval, "cli", raising=False)
+    monkeypatch.setitem(sys.modules, "naclip.cli.eval", None)  # import naclip.cli.eval -> ImportError
+    monkeypatch.delattr(cli, "eval", raising=False)
     with pytest.raises(ImportError):
         cli.build_parser()
 
@@ -581,7 +580,7 @@ def test_shared_options_reach_the_segmenter(
 
 
 def test_segment_and_eval_share_one_home_for_their_options() -> None:
-    from naclip.eval import cli as eval_cli
+    from naclip.cli import eval as eval_cli
     from naclip.segmenter import SegmentConfig
 
     def actions(parser):

@@ -1,0 +1,404 @@
+"""``naclip segment IMAGES_OR_DIRS (--classes SPEC | --preset NAME | --classes-file F) --out DIR``.
+
+Writes, atomically and into ``--out`` only, per image ``<stem>_mask.png`` (palette PNG, value = class index,
+255 = unknown), ``<stem>_overlay.png`` (unless ``--no-overlay``), ``<stem>_probs.npy`` (``--probs``),
+``<stem>.json`` (``--json``), ``<stem>_heatmaps.png`` (``--heatmaps``); per video ``<stem>_overlay.mp4``,
+``<stem>_frames.json`` and with ``--frame-masks`` ``<stem>_masks/NNNNNN_mask.png``. Every check that needs
+no model runs before the model loads; a file that fails is reported, the others are still processed, and
+the exit status is then 1. The input loop is :func:`segment_inputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from naclip.cli._args import (
+    EXIT_FAILED_FILES,
+    EXIT_OK,
+    FROM_PRETRAINED,
+    UserError,
+    add_inference_arguments,
+    add_max_pixels_argument,
+    add_model_arguments,
+    add_text_args,
+    byte_size,
+    positive_int,
+    probability,
+    templates_arg,
+    text_progress,
+)
+from naclip.cli._loader import load_segmenter, model_options, register_model_config
+from naclip.cli._paths import (
+    OutputPaths,
+    check_out_dir,
+    collect_inputs,
+    make_out_dir,
+    plan_outputs,
+    remove_if_empty,
+)
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``segment`` on an argparse sub-parsers object (``func`` = :func:`run`)."""
+    p = subparsers.add_parser(
+        "segment",
+        help="segment images into named classes",
+        description="Segment images into the given classes and write a palette mask, an overlay and "
+        "optionally the class probabilities into --out.",
+    )
+    _add_input_options(p)
+    add_inference_arguments(p)
+    _add_size_options(p)
+    add_model_arguments(p)
+    _add_output_options(p)
+    _add_reading_options(p)
+    add_text_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images"
+    )
+    cls = p.add_mutually_exclusive_group(required=True)
+    cls.add_argument(
+        "--classes",
+        metavar="SPEC",
+        help='classes separated by ";", synonyms of one class by ", " (e.g. "sky, cloud; tree; person")',
+    )
+    cls.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="benchmark preset: classes, threshold, resize, mode (voc21, ade20k, ...)",
+    )
+    cls.add_argument(
+        "--classes-file", metavar="FILE", help='one class per line; synonyms of a class separated by ", "'
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+
+
+def _add_size_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--long-side",
+        type=positive_int,
+        metavar="PX",
+        help="cap the long side at PX (whole/slide default 2048; single: native unless given)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        metavar="SIZE",
+        help="working memory for crop batches and post-processing tiles, e.g. 512M, 2G (default 2G); "
+        "sets tile sizes, not the result",
+    )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    from naclip.io import OVERLAY_ALPHA
+
+    p.add_argument(
+        "--overlay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write <stem>_overlay.png (default)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=probability,
+        metavar="A",
+        default=OVERLAY_ALPHA,
+        help=f"overlay opacity of the class colours, 0..1 (default {OVERLAY_ALPHA:g})",
+    )
+    p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy (float32 [C, H, W])")
+    p.add_argument("--json", action="store_true", help="also write <stem>.json (class areas and settings)")
+    p.add_argument("--heatmaps", action="store_true", help="also write <stem>_heatmaps.png (class maps)")
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exif-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn photos upright by their EXIF Orientation tag before segmenting (default on; "
+        "--no-exif-orientation keeps the pixels as stored)",
+    )
+    add_max_pixels_argument(p, what="images (and resized model inputs)")
+    p.add_argument("--batch", type=positive_int, metavar="N", help="video frames per model batch (default 8)")
+    p.add_argument("--frame-masks", action="store_true", help="video: also write a mask PNG per frame")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+
+
+# ----------------------------------------------------------------------------------------------- classes
+
+
+def parse_classes_arg(spec: str | Sequence[str], what: str = "--classes"):
+    """Parse a class list with :func:`naclip.text.parse_classes` (``";"`` between classes, ``", "`` between
+    synonyms); its ``ValueError`` / ``TypeError`` (empty list, empty synonym, duplicate) becomes a
+    :class:`UserError` prefixed with ``what``. Returns the :class:`naclip.text.ClassSpec`."""
+    from naclip.text import parse_classes
+
+    try:
+        return parse_classes(spec)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def _read_classes_file(path: str):
+    """One class per line (synonyms separated by ``", "``, the official class-file format); trailing blank
+    lines are ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--classes-file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --classes-file {path!r}: {exc}") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return parse_classes_arg(lines, f"--classes-file {path!r}")
+
+
+def _resolve_class_args(args):
+    """``(ClassSpec, preset name or None)`` from ``--classes`` / ``--classes-file`` / ``--preset``."""
+    from naclip.presets import get_preset
+
+    if args.classes is not None:
+        return parse_classes_arg(args.classes), None
+    if args.classes_file is not None:
+        return _read_classes_file(args.classes_file), None
+    try:
+        return get_preset(args.preset).classes, args.preset
+    except (KeyError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_palette_classes(spec, preset) -> None:
+    from naclip.io import UNKNOWN_LABEL
+
+    limit = UNKNOWN_LABEL + 1 if preset is not None else UNKNOWN_LABEL
+    if spec.num_classes > limit:
+        raise UserError(
+            f"{spec.num_classes} classes do not fit a palette PNG mask: at most {limit} (values "
+            f"0..{limit - 1}{'' if preset is not None else f', {UNKNOWN_LABEL} = unknown'})"
+        )
+
+
+# ------------------------------------------------------------------------------------------- prechecks
+
+
+def _segment_config(args):
+    """The :class:`naclip.segmenter.SegmentConfig` of the run: the method's official defaults (ClearCLIP:
+    logit scale 50, ...) and the flags given."""
+    from naclip.methods import method_config
+    from naclip.segmenter import SegmentConfig
+
+    templates = templates_arg(args.templates)
+    try:
+        return SegmentConfig(
+            **method_config(args.method),
+            max_pixels=args.max_pixels or None,
+            exif_orientation=args.exif_orientation,
+            **({"gaussian_std": args.gaussian_std} if args.gaussian_std is not None else {}),
+            **({"templates": templates} if templates else {}),
+            **({"memory_budget": args.memory_budget} if args.memory_budget else {}),
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _resize_sides(args, config, preset) -> tuple[str, int | None, int | None]:
+    """``(mode, short side, long side)`` the model input will get (single mode: native unless given)."""
+    from naclip.presets import get_preset
+
+    pre = get_preset(preset) if preset is not None else None
+    mode = args.mode or (pre.mode if pre is not None else config.mode)
+    short, long = args.short_side, args.long_side
+    if mode != "single":
+        short = short or (pre.short_side if pre is not None else config.short_side)
+        long = long or (pre.long_side if pre is not None else config.long_side)
+    return mode, short, long
+
+
+def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple[Path, str]]:
+    """Every check on the inputs that needs no model (readable header, pixel limit, at least one patch,
+    resized input size); returns ``(path, message)`` of the inputs that fail."""
+    from naclip.hub import vit_patch_size
+    from naclip.io import probe_image
+    from naclip.segmenter import check_input_size
+
+    try:
+        patch = vit_patch_size(args.model or FROM_PRETRAINED["model"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--model: {exc}") from None
+    mode, short, long = _resize_sides(args, config, preset)
+    bad = []
+    for path in inputs:
+        try:
+            if path.suffix.lower() in _video_suffixes():
+                h, w = _probe_video(path)
+            else:
+                h, w = probe_image(
+                    path, max_pixels=config.max_pixels, exif_orientation=config.exif_orientation
+                )
+            check_input_size(
+                h, w, patch=None if patch is None else (patch, patch), short_side=short, long_side=long,
+                max_pixels=config.max_pixels, mode=mode, single_max_pixels=config.single_max_pixels,
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            bad.append((path, _first_line(exc)))
+    return bad
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _report(done: int, total: int, out_dir: Path, failures: list[tuple[Path, str]]) -> int:
+    print(f"naclip segment: {done} of {total} image(s) segmented into {str(out_dir)!r}", file=sys.stderr)
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} failed:", file=sys.stderr)
+    for path, msg in failures:
+        print(f"  {path}: {msg}", file=sys.stderr)
+    return EXIT_FAILED_FILES
+
+
+def run(args) -> int:
+    """``naclip segment`` on parsed ``args``; returns the exit status (``UserError`` for a bad invocation)."""
+    spec, preset = _resolve_class_args(args)
+    _check_palette_classes(spec, preset)
+    register_model_config(args.model_config)
+    config = _segment_config(args)
+    out_dir = Path(args.out)
+    inputs = collect_inputs(args.inputs, skip_outputs_in=out_dir)
+    check_out_dir(out_dir)
+    plans = plan_outputs(
+        inputs, out_dir, overlay=args.overlay, probs=args.probs, json=args.json, heatmaps=args.heatmaps
+    )
+    failures = _precheck_inputs(inputs, args, config, preset)
+    for path, msg in failures:
+        print(f"error: {path}: {msg}", file=sys.stderr)
+    bad = {p for p, _ in failures}
+    todo = [(p, plan) for p, plan in zip(inputs, plans, strict=True) if p not in bad]
+    if not todo:  # nothing to segment: no model load, no --out folder
+        return _report(0, len(inputs), out_dir, failures)
+    created = make_out_dir(out_dir)
+    written = False
+    try:
+        seg = load_segmenter(**model_options(args), config=config)
+        _encode_text(seg, spec, args)
+        classes = spec if preset is None else None
+        written = segment_inputs(seg, todo, classes=classes, preset=preset, args=args, failures=failures,
+                                 protect=inputs)  # fmt: skip
+    finally:
+        if not written:
+            remove_if_empty(created)
+    return _report(len(inputs) - len(failures), len(inputs), out_dir, failures)
+
+
+def _encode_text(seg, spec, args) -> None:
+    """Encode the class prompts once, before any image (cached by the Segmenter, in memory and on disk); the
+    bar shows from the first query encoded (nothing when every query comes from a cache)."""
+    with text_progress(disable=args.no_progress) as progress:
+        try:
+            seg.text_features(spec, progress=progress)
+        except (ValueError, TypeError) as exc:
+            raise UserError(str(exc)) from None
+
+
+def segment_inputs(seg, todo, *, classes, preset, args, failures: list, protect: Sequence[Path]) -> bool:
+    """The input loop: segment and write every ``(path, plan)`` of ``todo`` (:class:`OutputPaths`) with one
+    progress bar; a failing file is appended to ``failures`` as ``(path, message)`` and does not stop the
+    others (``NACLIP_DEBUG=1``: it raises). ``protect``: paths never written. Returns whether any file was
+    written."""
+    from tqdm.auto import tqdm
+
+    protect = list(protect)
+    bar = tqdm(total=len(todo), unit="img", desc="naclip segment", disable=args.no_progress, file=sys.stderr)
+    debug = bool(os.environ.get("NACLIP_DEBUG"))
+    written = False
+    try:
+        for path, plan in todo:
+            bar.set_postfix_str(path.name, refresh=False)
+            try:
+                _segment_one(seg, path, plan, args, classes, preset, protect)
+                written = True
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+                if debug:
+                    raise
+                failures.append((path, _first_line(exc)))
+                tqdm.write(f"error: {path}: {_first_line(exc)}", file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+    return written
+
+
+def _segment_one(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
+    """Segment one image or video and write its outputs (a failure leaves the files already written: the
+    ``--out`` folder is then not empty and stays)."""
+    if path.suffix.lower() in _video_suffixes():
+        _segment_video(seg, path, plan, args, classes, preset, protect)
+        return
+    keep_probs = plan.json is not None or plan.heatmaps is not None  # the JSON and heat maps read them
+    result = seg.predict(
+        path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
+        short_side=args.short_side, crop=args.crop, stride=args.stride, long_side=args.long_side,
+        probs_path=plan.probs, keep_probs=keep_probs,
+    )  # fmt: skip
+    result.save_mask(plan.mask, protect=protect)
+    if plan.overlay is not None:
+        result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
+    if plan.json is not None:
+        result.save_json(plan.json, protect=protect)
+    if plan.heatmaps is not None:
+        result.save_heatmaps(plan.heatmaps, protect=protect)
+
+
+# ----------------------------------------------------------------------------------------------- video
+
+
+def _video_suffixes() -> tuple[str, ...]:
+    from naclip.video import VIDEO_SUFFIXES
+
+    return VIDEO_SUFFIXES
+
+
+def _probe_video(path: Path) -> tuple[int, int]:
+    from naclip import video
+
+    try:
+        info = video.probe(path)
+    except ImportError as exc:  # PyAV missing: this input fails, the images are still processed
+        raise ValueError(str(exc)) from None
+    return info.height, info.width
+
+
+def _segment_video(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
+    """One video: ``<stem>_overlay.mp4``, ``<stem>_frames.json`` and with ``--frame-masks`` the masks."""
+    from tqdm.auto import tqdm
+
+    from naclip import outputs, video
+
+    base = plan.mask.with_name(plan.mask.name.removesuffix("_mask.png"))
+    total = video.probe(path).frames
+    with tqdm(total=total, unit="frame", desc=path.name, leave=False, file=sys.stderr,
+              disable=args.no_progress) as frames_bar:  # fmt: skip
+        report = video.segment_video(
+            seg, path, classes, overlay=f"{base}_overlay.mp4", protect=tuple(protect),
+            masks_dir=f"{base}_masks" if args.frame_masks else None, batch=args.batch or video.DEFAULT_BATCH,
+            progress=frames_bar.update, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
+            short_side=args.short_side, crop=args.crop, stride=args.stride,
+        )  # fmt: skip
+    outputs.save_json(f"{base}_frames.json", report, protect=protect)
