@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from naclip import distributed
 from naclip.cli._args import (
     EXIT_OK,
     UserError,
@@ -189,31 +190,6 @@ def _fingerprint(dataset, settings: dict, extra: dict) -> dict:
 # ------------------------------------------------------------------------------------------ model, ranks
 
 
-def _dist_setup(device_arg: str | None) -> tuple[int, int, str]:
-    """Initialise torch.distributed under torchrun (WORLD_SIZE > 1); returns (rank, world, device)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world <= 1:
-        return 0, 1, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):  # one GPU per rank: the local rank's, whatever index --device named
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(device))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _dist_teardown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _build_predictor(settings: dict, args, device: str):
     """(predict(image) -> labels, segmenter) for the settings; model errors become ``UserError``."""
     import torch
@@ -283,7 +259,7 @@ def run(args) -> int:
     try:
         return run_reporting_errors(_run, args)
     finally:
-        _dist_teardown()
+        distributed.teardown()
 
 
 def _run(args) -> int:
@@ -293,7 +269,7 @@ def _run(args) -> int:
     preset = get_preset(name)
     settings = resolve_settings(args, preset)
     args.out = args.out or os.path.join("naclip_eval", name)
-    rank, world, device = _dist_setup(args.device)
+    rank, world, device = distributed.setup(args.device)
     dataset = open_dataset(args)
     if args.paper and args.dtype is None and device.startswith("cuda"):
         args.dtype = "fp16"  # the official numbers come from an fp16 pipeline on GPU (spec §7.8)

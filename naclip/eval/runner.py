@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from naclip import distributed
 from naclip.eval.datasets import EvalDataset
 from naclip.eval.metrics import HIST_SIZE, Metrics, compute_metrics, joint_histogram
 from naclip.eval.records import RecordLog, read_logs, records_to_hist
@@ -109,12 +110,6 @@ class _WorkerInit:
         _die_with_parent(self.parent_pid)
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_sum(hist: torch.Tensor) -> torch.Tensor:
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -176,7 +171,7 @@ def evaluate(
         raise ValueError("indices must not repeat")
     if log_dir is not None and fingerprint is None:
         raise ValueError("fingerprint is required when log_dir is given")
-    rank, world = _dist_info()
+    rank, world = distributed.rank_world()
     t_start = time.perf_counter()
 
     done: dict = {}
