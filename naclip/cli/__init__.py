@@ -30,8 +30,8 @@ from naclip.cli._args import (
     positive_int,
     probability,
 )
-from naclip.cli._paths import IMAGE_SUFFIXES, OutputPaths, collect_inputs, plan_outputs
 from naclip.cli.segment import parse_classes_arg
+from naclip.collection import IMAGE_SUFFIXES, OutputPaths, collect_inputs, plan_outputs
 
 __all__ = [
     "BACKENDS",

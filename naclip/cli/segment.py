@@ -5,17 +5,19 @@ Writes, atomically and into ``--out`` only, per image ``<stem>_mask.png`` (palet
 ``<stem>.json`` (``--json``), ``<stem>_heatmaps.png`` (``--heatmaps``); per video ``<stem>_overlay.mp4``,
 ``<stem>_frames.json`` and with ``--frame-masks`` ``<stem>_masks/NNNNNN_mask.png``. Every check that needs
 no model runs before the model loads; a file that fails is reported, the others are still processed, and
-the exit status is then 1. The input loop is :func:`segment_inputs`.
+the exit status is then 1. Folders, ``--recursive``, glob patterns, the mirrored output tree,
+``--skip-existing``, ``<out>/manifest.jsonl``, decoding ahead and torchrun shares: :mod:`naclip.collection`
+(the input loop, :func:`naclip.collection.run_collection`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from naclip import collection
 from naclip.cli._args import (
     EXIT_FAILED_FILES,
     EXIT_OK,
@@ -26,20 +28,14 @@ from naclip.cli._args import (
     add_model_arguments,
     add_text_args,
     byte_size,
+    non_negative_int,
     positive_int,
     probability,
     templates_arg,
     text_progress,
 )
 from naclip.cli._loader import load_segmenter, model_options, register_model_config
-from naclip.cli._paths import (
-    OutputPaths,
-    check_out_dir,
-    collect_inputs,
-    make_out_dir,
-    plan_outputs,
-    remove_if_empty,
-)
+from naclip.cli._paths import check_out_dir, make_out_dir, remove_if_empty
 
 # ------------------------------------------------------------------------------------------------ parser
 
@@ -65,8 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images"
-    )
+        "inputs", nargs="+", metavar="INPUT",
+        help='image or video files, folders of images, quoted glob patterns ("tiles/**/*.png")',
+    )  # fmt: skip
     cls = p.add_mutually_exclusive_group(required=True)
     cls.add_argument(
         "--classes",
@@ -133,6 +130,7 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, metavar="N", help="video frames per model batch (default 8)")
     p.add_argument("--frame-masks", action="store_true", help="video: also write a mask PNG per frame")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    collection.add_collection_args(p, count_type=non_negative_int)
 
 
 # ----------------------------------------------------------------------------------------------- classes
@@ -264,8 +262,11 @@ def _first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def _report(done: int, total: int, out_dir: Path, failures: list[tuple[Path, str]]) -> int:
-    print(f"naclip segment: {done} of {total} image(s) segmented into {str(out_dir)!r}", file=sys.stderr)
+def _report(done: int, total: int, out_dir: Path, failures: list[tuple[Path, str]], skipped: int = 0) -> int:
+    kept = f" ({skipped} skipped: outputs already there)" if skipped else ""
+    print(
+        f"naclip segment: {done} of {total} image(s) segmented into {str(out_dir)!r}{kept}", file=sys.stderr
+    )
     if not failures:
         return EXIT_OK
     print(f"{len(failures)} failed:", file=sys.stderr)
@@ -281,30 +282,31 @@ def run(args) -> int:
     register_model_config(args.model_config)
     config = _segment_config(args)
     out_dir = Path(args.out)
-    inputs = collect_inputs(args.inputs, skip_outputs_in=out_dir)
-    check_out_dir(out_dir)
-    plans = plan_outputs(
-        inputs, out_dir, overlay=args.overlay, probs=args.probs, json=args.json, heatmaps=args.heatmaps
-    )
-    failures = _precheck_inputs(inputs, args, config, preset)
-    for path, msg in failures:
-        print(f"error: {path}: {msg}", file=sys.stderr)
-    bad = {p for p, _ in failures}
-    todo = [(p, plan) for p, plan in zip(inputs, plans, strict=True) if p not in bad]
-    if not todo:  # nothing to segment: no model load, no --out folder
-        return _report(0, len(inputs), out_dir, failures)
-    created = make_out_dir(out_dir)
-    written = False
     try:
-        seg = load_segmenter(**model_options(args), config=config)
-        _encode_text(seg, spec, args)
-        classes = spec if preset is None else None
-        written = segment_inputs(seg, todo, classes=classes, preset=preset, args=args, failures=failures,
-                                 protect=inputs)  # fmt: skip
-    finally:
-        if not written:
-            remove_if_empty(created)
-    return _report(len(inputs) - len(failures), len(inputs), out_dir, failures)
+        inputs = collection.collect_inputs(args.inputs, recursive=args.recursive, out_dir=out_dir)
+        check_out_dir(out_dir)
+        plans = collection.plan_outputs(
+            inputs, out_dir, overlay=args.overlay, probs=args.probs, json=args.json, heatmaps=args.heatmaps
+        )
+    except collection.CollectionError as exc:
+        raise UserError(str(exc)) from None
+    options = collection.Options.from_args(args, spec=spec, preset=preset, templates=config.templates)
+    hooks = collection.Hooks(
+        precheck=lambda paths: _precheck_inputs(paths, args, config, preset),
+        make_out_dir=lambda: make_out_dir(out_dir), remove_if_empty=remove_if_empty,
+        load=lambda device: _load(args, config, spec, device),
+    )  # fmt: skip
+    outcome = collection.run_collection(inputs, plans, out_dir, options=options, hooks=hooks)
+    if outcome.rank != 0:  # rank 0 reports for all
+        return EXIT_FAILED_FILES if outcome.failures else EXIT_OK
+    return _report(outcome.done, outcome.total, out_dir, outcome.failures, outcome.skipped)
+
+
+def _load(args, config, spec, device: str):
+    """The segmenter on ``device`` (under torchrun: this rank's GPU), the class texts encoded."""
+    seg = load_segmenter(**{**model_options(args), "device": device}, config=config)
+    _encode_text(seg, spec, args)
+    return seg
 
 
 def _encode_text(seg, spec, args) -> None:
@@ -315,55 +317,6 @@ def _encode_text(seg, spec, args) -> None:
             seg.text_features(spec, progress=progress)
         except (ValueError, TypeError) as exc:
             raise UserError(str(exc)) from None
-
-
-def segment_inputs(seg, todo, *, classes, preset, args, failures: list, protect: Sequence[Path]) -> bool:
-    """The input loop: segment and write every ``(path, plan)`` of ``todo`` (:class:`OutputPaths`) with one
-    progress bar; a failing file is appended to ``failures`` as ``(path, message)`` and does not stop the
-    others (``NACLIP_DEBUG=1``: it raises). ``protect``: paths never written. Returns whether any file was
-    written."""
-    from tqdm.auto import tqdm
-
-    protect = list(protect)
-    bar = tqdm(total=len(todo), unit="img", desc="naclip segment", disable=args.no_progress, file=sys.stderr)
-    debug = bool(os.environ.get("NACLIP_DEBUG"))
-    written = False
-    try:
-        for path, plan in todo:
-            bar.set_postfix_str(path.name, refresh=False)
-            try:
-                _segment_one(seg, path, plan, args, classes, preset, protect)
-                written = True
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-                if debug:
-                    raise
-                failures.append((path, _first_line(exc)))
-                tqdm.write(f"error: {path}: {_first_line(exc)}", file=sys.stderr)
-            bar.update(1)
-    finally:
-        bar.close()
-    return written
-
-
-def _segment_one(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
-    """Segment one image or video and write its outputs (a failure leaves the files already written: the
-    ``--out`` folder is then not empty and stays)."""
-    if path.suffix.lower() in _video_suffixes():
-        _segment_video(seg, path, plan, args, classes, preset, protect)
-        return
-    keep_probs = plan.json is not None or plan.heatmaps is not None  # the JSON and heat maps read them
-    result = seg.predict(
-        path, classes, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
-        short_side=args.short_side, crop=args.crop, stride=args.stride, long_side=args.long_side,
-        probs_path=plan.probs, keep_probs=keep_probs,
-    )  # fmt: skip
-    result.save_mask(plan.mask, protect=protect)
-    if plan.overlay is not None:
-        result.save_overlay(plan.overlay, alpha=args.alpha, protect=protect)
-    if plan.json is not None:
-        result.save_json(plan.json, protect=protect)
-    if plan.heatmaps is not None:
-        result.save_heatmaps(plan.heatmaps, protect=protect)
 
 
 # ----------------------------------------------------------------------------------------------- video
@@ -383,22 +336,3 @@ def _probe_video(path: Path) -> tuple[int, int]:
     except ImportError as exc:  # PyAV missing: this input fails, the images are still processed
         raise ValueError(str(exc)) from None
     return info.height, info.width
-
-
-def _segment_video(seg, path: Path, plan: OutputPaths, args, classes, preset, protect) -> None:
-    """One video: ``<stem>_overlay.mp4``, ``<stem>_frames.json`` and with ``--frame-masks`` the masks."""
-    from tqdm.auto import tqdm
-
-    from naclip import outputs, video
-
-    base = plan.mask.with_name(plan.mask.name.removesuffix("_mask.png"))
-    total = video.probe(path).frames
-    with tqdm(total=total, unit="frame", desc=path.name, leave=False, file=sys.stderr,
-              disable=args.no_progress) as frames_bar:  # fmt: skip
-        report = video.segment_video(
-            seg, path, classes, overlay=f"{base}_overlay.mp4", protect=tuple(protect),
-            masks_dir=f"{base}_masks" if args.frame_masks else None, batch=args.batch or video.DEFAULT_BATCH,
-            progress=frames_bar.update, preset=preset, mode=args.mode, pamr=args.pamr, prob_thd=args.prob_thd,
-            short_side=args.short_side, crop=args.crop, stride=args.stride,
-        )  # fmt: skip
-    outputs.save_json(f"{base}_frames.json", report, protect=protect)

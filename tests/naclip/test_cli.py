@@ -15,6 +15,7 @@ from PIL import Image
 
 from naclip import cli
 from naclip.cli import main
+from naclip.collection import MANIFEST_NAME
 from naclip.io import voc_palette
 
 TINY = "naclip-test-tiny"  # an open_clip model config registered from a JSON file (no weights download)
@@ -55,6 +56,11 @@ def _args(tiny: dict, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _written(out: Path) -> list[str]:
+    """The file names in ``out``, without the run's manifest (its own tests are in test_collection.py)."""
+    return sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME)
+
+
 def _segment(tiny: dict, inputs: list, out: Path, *extra: str) -> int:
     return main(["segment", *map(str, inputs), "--out", str(out), *_args(tiny, *extra)])
 
@@ -71,7 +77,8 @@ def test_writes_mask_overlay_probs(tiny: dict, tmp_path: Path, capsys: pytest.Ca
     out = tmp_path / "out"
     rc = _segment(tiny, [src], out, "--classes", "sky, cloud; tree; person", "--probs", "--mode", "slide")
     assert rc == 0, capsys.readouterr().err
-    names = sorted(p.name for p in out.iterdir())
+    assert (out / MANIFEST_NAME).is_file()
+    names = _written(out)
     assert names == sorted(f"{s}_{k}" for s in "ab" for k in ("mask.png", "overlay.png", "probs.npy"))
     for stem, (h, w) in {"a": (48, 72), "b": (60, 40)}.items():
         mask = Image.open(out / f"{stem}_mask.png")
@@ -105,7 +112,7 @@ def test_preset_and_overrides(tiny: dict, tmp_path: Path) -> None:
     img = _image(tmp_path / "x.png")
     rc = _segment(tiny, [img], tmp_path / "o", "--preset", "voc21", "--no-pamr", "--no-overlay", "--probs")
     assert rc == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x_mask.png", "x_probs.npy"]
+    assert _written(tmp_path / "o") == ["x_mask.png", "x_probs.npy"]
     assert np.load(tmp_path / "o/x_probs.npy").shape[0] == 21
     # a preset keeps its real background class 0 (black, VOC palette) and its threshold semantics
     assert np.array_equal(_palette(tmp_path / "o/x_mask.png"), voc_palette())
@@ -115,7 +122,7 @@ def test_preset_and_overrides(tiny: dict, tmp_path: Path) -> None:
 def test_same_stem_inputs_get_distinct_outputs(tiny: dict, tmp_path: Path) -> None:
     a, b = _image(tmp_path / "p.png", seed=1), _image(tmp_path / "p.jpg", seed=2)
     assert _segment(tiny, [a, b, a], tmp_path / "o", "--classes", "a; b", "--no-overlay") == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["p_jpg_mask.png", "p_png_mask.png"]
+    assert _written(tmp_path / "o") == ["p_jpg_mask.png", "p_png_mask.png"]
 
 
 # ---------------------------------------------------------------------------------------------- user errors
@@ -175,7 +182,7 @@ def test_bad_file_among_good_files(tiny: dict, tmp_path: Path, capsys: pytest.Ca
     (src / "truncated.jpg").write_bytes(data[: len(data) // 3])
     rc = _segment(tiny, [src], tmp_path / "out", "--classes", "a; b")
     assert rc == 1
-    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    written = _written(tmp_path / "out")
     assert written == ["good1_mask.png", "good1_overlay.png", "good2_mask.png", "good2_overlay.png"]
     err = capsys.readouterr().err
     assert "2 of 4 image(s) segmented" in err and "2 failed:" in err
@@ -186,7 +193,7 @@ def test_max_pixels(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -
     # the limit applies to the file (64x64 = 4096 px) and the resized model input (40x40 -> 48x48 = 2304 px)
     small, big = _image(tmp_path / "small.png", 40, 40), _image(tmp_path / "big.png", 64, 64)
     assert _segment(tiny, [small, big], tmp_path / "o", "--classes", "a; b", "--max-pixels", "3000") == 1
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["small_mask.png", "small_overlay.png"]
+    assert _written(tmp_path / "o") == ["small_mask.png", "small_overlay.png"]
     assert "big.png" in capsys.readouterr().err
 
 
@@ -209,7 +216,7 @@ def test_rerun_into_the_input_directory_skips_earlier_outputs(tiny: dict, tmp_pa
     assert _segment(tiny, [tmp_path], tmp_path, "--classes", "a; b") == 0
     first = (tmp_path / "a_mask.png").read_bytes()
     assert _segment(tiny, [tmp_path], tmp_path, "--classes", "a; b") == 0  # a_mask/a_overlay are not inputs
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_mask.png", "a_overlay.png"]
+    assert _written(tmp_path) == ["a.png", "a_mask.png", "a_overlay.png"]
     assert (tmp_path / "a_mask.png").read_bytes() == first
 
 
@@ -227,7 +234,7 @@ def test_outputs_are_atomic(tiny: dict, tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(Image.Image, "save", dying_save)
     assert _segment(tiny, [img], out, "--classes", "a; b") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["x_mask.png"]
+    assert _written(out) == ["x_mask.png"]
     assert "disk full" in capsys.readouterr().err
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert Image.open(out / "x_mask.png").size == (72, 48)
@@ -427,7 +434,7 @@ def test_bad_input_is_reported_before_the_model_loads(
     monkeypatch.setattr(Segmenter, "from_pretrained", staticmethod(spy))
     assert _segment(tiny, [bad, good], tmp_path / "o", "--classes", "a; b", "--no-overlay") == 1
     assert "bad.png" in seen_at_load[0]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good_mask.png"]
+    assert _written(tmp_path / "o") == ["good_mask.png"]
 
 
 def test_too_many_classes_for_a_palette_mask(
