@@ -144,6 +144,8 @@ def _expand(item: str, *, recursive: bool, out_dir: Path | None) -> list[Input]:
         return [Input(p, Path(p.stem))]
     if not any(m in item for m in _MAGIC):
         raise CollectionError(f"input {item!r} does not exist")
+    if "**" in item and not recursive:
+        raise CollectionError(f"pattern {item!r}: ** spans folders only with --recursive (add it, or use *)")
     root = _pattern_root(item)
     suffixes = (*IMAGE_SUFFIXES, *_video_suffixes())
     out: list[Input] = []
@@ -159,8 +161,7 @@ def _expand(item: str, *, recursive: bool, out_dir: Path | None) -> list[Input]:
         ):
             out.append(Input(m, m.relative_to(root).with_name(m.stem)))
     if not out:
-        hint = "" if recursive or "**" not in item else " (** spans folders only with --recursive)"
-        raise CollectionError(f"pattern {item!r} matches no image or video file{hint}")
+        raise CollectionError(f"pattern {item!r} matches no image or video file")
     return out
 
 
