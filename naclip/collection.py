@@ -361,14 +361,14 @@ class _Journal:
             self._f = None
 
 
-def _write_manifest(out_dir: Path, header: dict, records: Sequence[dict], world: int) -> None:
+def _write_manifest(out_dir: Path, header: dict, records: Sequence[dict]) -> None:
     from naclip.io import atomic_write
 
     lines = [json.dumps(header, ensure_ascii=False)] + [json.dumps(r, ensure_ascii=False) for r in records]
     data = ("\n".join(lines) + "\n").encode("utf-8")
     atomic_write(out_dir / MANIFEST_NAME, lambda f: f.write(data))
-    for r in range(world):
-        (out_dir / _JOURNAL.format(rank=r)).unlink(missing_ok=True)
+    for journal in out_dir.glob(_JOURNAL.format(rank="*")):  # this run's and any older run's: merged now
+        journal.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------- decoding ahead
@@ -577,9 +577,8 @@ def _run(inputs, plans, out_dir: Path, opts: Options, hooks: Hooks, *, rank: int
         merged = [rec for part in parts for _, rec in part["records"]]
         order = {str(inp.path.resolve()): n for n, inp in enumerate(inputs)}
         merged.sort(key=lambda r: order.get(r["key"], -1))
-        _write_manifest(
-            out_dir, _header(parts, opts, len(inputs), world, complete=not stopped), merged, world
-        )
+        header = _header(parts, opts, len(inputs), world, complete=not stopped)
+        _write_manifest(out_dir, header, merged)
     return _outcome(parts, len(inputs), rank, world)
 
 
