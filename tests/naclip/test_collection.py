@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,8 @@ def test_prefetch_keeps_order_reports_errors_and_stays_bounded(depth: int) -> No
     def load(i: int) -> int:
         with lock:
             loaded.append(i)
-            assert len(loaded) <= consumed[0] + depth + 1, "decoded further ahead than the queue depth"
+            # alive at most: the one in the consumer's hands, ``depth`` queued, the one being decoded
+            assert len(loaded) <= consumed[0] + depth + 2, "decoded further ahead than the queue depth"
         if i == 4:
             raise OSError("broken file")
         return i * 10
@@ -158,6 +160,7 @@ def test_prefetch_keeps_order_reports_errors_and_stays_bounded(depth: int) -> No
     got = []
     for item, value, err in prefetch(range(9), load, depth=depth):
         got.append((item, value, type(err).__name__ if err else None))
+        time.sleep(0.01)  # a slow consumer: an unbounded loader would run far ahead
         with lock:
             consumed[0] += 1
     assert got == [(i, None if i == 4 else i * 10, "OSError" if i == 4 else None) for i in range(9)]
