@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from naclip import inference, io
+from naclip.precision import DTYPES, dtype_name, place, resolve_dtype
 from naclip.presets import Preset, get_preset
 from naclip.text import (
     TEMPLATES,
@@ -51,54 +52,6 @@ __all__ = [
     "dtype_name",
     "resolve_dtype",
 ]
-
-#: Canonical dtype names (CLI choices and open_clip ``precision`` strings) -> torch dtype.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_ALIASES = {
-    **DTYPES,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The one dtype parser of naclip (used by :class:`Segmenter`, :func:`naclip.hub.load_clip` and the CLIs).
-
-    ``None`` -> ``None``; ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` -> itself; a string,
-    case-insensitive, surrounding whitespace and an optional ``"torch."`` prefix ignored: ``"fp32"``,
-    ``"float32"``, ``"float"``, ``"fp16"``, ``"float16"``, ``"half"``, ``"bf16"``, ``"bfloat16"`` (so
-    ``"torch.float16"`` and ``str(torch.float16)`` work) -> the torch dtype.
-
-    Raises ``TypeError`` for anything that is not ``None``, a ``str`` or a ``torch.dtype``, and
-    ``ValueError`` for an unknown name or another torch dtype (e.g. ``torch.int8``).
-    """
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPE_NAMES:
-            return dtype
-    elif isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
-    else:
-        raise TypeError(
-            f"dtype: expected None, a str (fp32, fp16, bf16) or a torch dtype, got {type(dtype).__name__} "
-            f"{dtype!r}"
-        )
-    raise ValueError(f"dtype: expected one of fp32, fp16, bf16 (or a matching torch dtype), got {dtype!r}")
-
-
-def dtype_name(dtype: str | torch.dtype | None) -> str:
-    """Canonical name (``"fp32"``, ``"fp16"``, ``"bf16"``) of anything :func:`resolve_dtype` accepts;
-    ``None`` -> ``"fp32"`` (the default precision). Same errors as :func:`resolve_dtype`."""
-    resolved = resolve_dtype(dtype)
-    return "fp32" if resolved is None else _DTYPE_NAMES[resolved]
-
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -372,27 +325,6 @@ class SegmentationResult:
         return outputs.to_supervision(self.labels, self.probs, self.class_names)
 
 
-def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
-    """Move ``module`` in place to ``device`` and set its precision like open_clip's ``precision=``
-    (spec §1.5, the same path as :func:`naclip.hub.load_clip`).
-
-    ``float32``: every floating parameter/buffer in fp32. ``float16`` / ``bfloat16``: open_clip's mixed
-    precision (``open_clip.model.convert_weights_to_lp``): conv/linear/attention projection weights and
-    ``proj`` / ``text_projection`` in the low-precision dtype; LayerNorms, the class and positional
-    embeddings stay fp32 (the model is first brought back to fp32, so a model that was half already gets
-    its LayerNorms in fp32 again). ``dtype=None`` leaves the precision unchanged.
-    """
-    if dtype is None:
-        if device is not None:
-            module.to(device=device)
-        return
-    module.to(device=device, dtype=torch.float32)
-    if dtype != torch.float32:
-        from open_clip.model import convert_weights_to_lp
-
-        convert_weights_to_lp(module, dtype=dtype)
-
-
 def _disk_cache(text_cache: str | os.PathLike | bool | None) -> DiskTextCache | None:
     if text_cache is None or text_cache is True:
         root = cache_root()
@@ -490,7 +422,7 @@ class Segmenter:
         self.tokenizer = tokenizer
         torch_dtype = resolve_dtype(dtype)
         module = self.clip_model if self.clip_model is not None else visual
-        _place(module, device, torch_dtype)
+        place(module, device, torch_dtype)
         module.eval()
         self.visual = build_visual(
             method,
