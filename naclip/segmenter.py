@@ -1,15 +1,16 @@
-"""The public segmentation API: :class:`Segmenter`, :class:`SegmentationResult`, :class:`SegmentConfig`.
+"""The public segmentation API: :class:`Segmenter` (``predict``, ``predict_from_features``, text features).
 
 ``Segmenter(clip_model, tokenizer)`` wraps any open_clip CLIP ViT (or, for feature-level use such as the
-fixture replay, a bare open_clip ``VisionTransformer`` with ``tokenizer=None``). ``predict(image, classes |
-preset=...)`` runs the full NACLIP pipeline (see :mod:`naclip.inference`): load/convert the image
-(:func:`naclip.io.load_image`), resize (short side 336 by default), normalise, dense cosine logits in
-``whole``, ``slide`` or ``single`` mode, resize to the original size, PAMR, ``softmax(40·logits)``, max over
-synonyms, ``prob_thd`` background, and returns a :class:`SegmentationResult` at the original resolution.
+fixture replay, a bare open_clip ``VisionTransformer`` with ``tokenizer=None``). ``predict(image | [images],
+classes | preset=...)`` runs the full NACLIP pipeline (:mod:`naclip.inference`): load/convert the image
+(:func:`naclip.io.load_image`), resize, normalise, dense cosine logits in ``whole``, ``slide`` or ``single``
+mode, resize to the original size, PAMR, ``softmax(40·logits)``, max over synonyms, ``prob_thd`` background,
+and returns a :class:`naclip.result.SegmentationResult` (a list for a list) at the original resolution.
 
-Settings come from, in order of precedence: the keyword arguments of ``predict``, the preset (if any), then
-the :class:`SegmentConfig` given to the ``Segmenter`` (defaults below; the single home of the library
-defaults).
+Settings: the :class:`naclip.config.SegmentConfig` of the ``Segmenter`` (the one home of the defaults), then
+the preset, then ``predict``'s arguments, merged by :meth:`SegmentConfig.resolve`. Arguments are validated
+here, once; the internal steps trust them. ``SegmentConfig``, ``SegmentationResult`` and the dtype parser
+(:mod:`naclip.precision`) are re-exported from this module.
 """
 
 from __future__ import annotations
