@@ -3,7 +3,8 @@
 ``SegmentConfig()`` holds the defaults; :meth:`SegmentConfig.resolve` merges a preset's values and then the
 user's overrides into a new, validated config (the only place settings are merged: ``Segmenter.predict``,
 the evaluator). Also the pipeline constants :data:`MODES`, :data:`LOGIT_SCALE`,
-:data:`DEFAULT_MEMORY_BUDGET` (re-exported by :mod:`naclip.inference`).
+:data:`DEFAULT_MEMORY_BUDGET` (re-exported by :mod:`naclip.inference`), :data:`DEFAULT_MAX_PIXELS`
+(re-exported by :mod:`naclip.io`). Imports no writer (only the text templates).
 """
 
 from __future__ import annotations
@@ -12,17 +13,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from naclip import io
 from naclip._validate import check_bool, check_choice, check_int, check_ints, check_number, check_probability
 from naclip.text import TEMPLATES
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "LOGIT_SCALE", "MODES", "PRESET_KEYS", "SegmentConfig"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MEMORY_BUDGET",
+    "LOGIT_SCALE",
+    "MODES",
+    "PRESET_KEYS",
+    "SegmentConfig",
+]
 
 #: NACLIP's softmax temperature (``softmax(40 · cos)``), not CLIP's 100.
 LOGIT_SCALE = 40.0
 MODES = ("whole", "slide", "single")
 #: Default working-memory budget in bytes (crop batches of ``slide``, post-processing tiles): 2 GiB.
 DEFAULT_MEMORY_BUDGET = 2 << 30
+#: Default pixel limit (H·W) of an input image: 64 megapixels (e.g. 8000 x 8000).
+DEFAULT_MAX_PIXELS = 64_000_000
 #: the :class:`naclip.presets.Preset` fields that set a :class:`SegmentConfig` field of the same name
 PRESET_KEYS = (
     "mode",
@@ -81,7 +90,7 @@ class SegmentConfig:
     logit_scale: float = LOGIT_SCALE
     gaussian_std: float = 5.0
     area_thd: float | None = None
-    max_pixels: int | None = io.DEFAULT_MAX_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     exif_orientation: bool = True
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     single_max_pixels: int | None = 4096 * 4096
