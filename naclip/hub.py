@@ -40,6 +40,8 @@ import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
 
+from naclip.precision import dtype_name
+
 __all__ = ["CHECKPOINT_ENV", "PROBE_TIMEOUT_S", "WeightsUnavailableError", "load_clip", "vit_patch_size"]
 
 #: Environment variable naming a local checkpoint file (used when ``checkpoint`` is not given).
@@ -239,10 +241,8 @@ def vit_patch_size(model: str) -> int | None:
 
 
 def _resolve_precision(dtype: Any) -> str:
-    """open_clip ``precision`` (``"fp32"``/``"fp16"``/``"bf16"``) via :func:`naclip.segmenter.dtype_name`,
+    """open_clip ``precision`` (``"fp32"``/``"fp16"``/``"bf16"``) via :func:`naclip.precision.dtype_name`,
     the one dtype parser (``TypeError`` for a non-str/dtype, ``ValueError`` for an unknown name)."""
-    from naclip.segmenter import dtype_name
-
     return dtype_name(dtype)
 
 

@@ -42,6 +42,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from naclip._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_probability,
+)
+from naclip.config import DEFAULT_MEMORY_BUDGET, LOGIT_SCALE, MODES, SegmentConfig
 from naclip.pamr import _check_dilations
 from naclip.pamr import pamr as _pamr
 from naclip.tiles import label_dtype, run_tiles
@@ -69,11 +78,8 @@ __all__ = [
 #: CLIP mean / std on the 0-255 scale (RGB), as in mmseg's ``SegDataPreProcessor`` of the official configs.
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
-#: NACLIP's softmax temperature (``softmax(40 · cos)``), not CLIP's 100.
-LOGIT_SCALE = 40.0
-MODES = ("whole", "slide", "single")
-#: Default working-memory budget in bytes (crop batches of ``slide``, post-processing tiles): 2 GiB.
-DEFAULT_MEMORY_BUDGET = 2 << 30
+#: the library defaults (:class:`naclip.config.SegmentConfig`, their one home) used in the signatures below
+_DEFAULTS = SegmentConfig()
 
 #: Vision model interface: ``visual(x[B, 3, h, w]) -> [B, 1 + gh·gw, D]``, with a ``patch_size`` attribute.
 VisualFn = Callable[[torch.Tensor], torch.Tensor]
@@ -93,37 +99,19 @@ class Window:
         return (self.y2 - self.y1, self.x2 - self.x1)
 
 
-def _positive_int(name: str, value: object) -> int:
-    """``value`` if it is an ``int`` > 0; ``TypeError`` for a non-int (bool included), ``ValueError`` for
-    ``<= 0``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def _check_probability(name: str, value: object) -> float:
-    """``float(value)`` for a real number in ``[0, 1]``; ``TypeError`` for a non-number (bool included),
-    ``ValueError`` out of range (NaN included)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048) -> tuple[int, int]:
+def rescale_size(
+    height: int, width: int, short_side: int, long_side: int = _DEFAULTS.long_side
+) -> tuple[int, int]:
     """mmcv ``imrescale`` target size for ``scale=(long_side, short_side)``.
 
     ``f = min(long_side / max(h, w), short_side / min(h, w))``; returns ``(int(h·f + 0.5), int(w·f + 0.5))``.
     E.g. 375x500 -> 336x448, 1024x2048 with short side 560 -> 560x1120. The result may be 0 for extreme aspect
     ratios (callers check it against the patch size).
     """
-    _positive_int("height", height)
-    _positive_int("width", width)
-    _positive_int("short_side", short_side)
-    _positive_int("long_side", long_side)
+    check_positive_int("height", height)
+    check_positive_int("width", width)
+    check_positive_int("short_side", short_side)
+    check_positive_int("long_side", long_side)
     f = min(long_side / max(height, width), short_side / min(height, width))
     return int(height * f + 0.5), int(width * f + 0.5)
 
@@ -156,7 +144,9 @@ def model_input_size(
     if mode != "single":
         if short_side is None:
             return height, width
-        return rescale_size(height, width, short_side, 2048 if long_side is None else long_side)
+        return rescale_size(
+            height, width, short_side, _DEFAULTS.long_side if long_side is None else long_side
+        )
     f = 1.0
     if short_side is not None or long_side is not None:
         f = min(
@@ -194,8 +184,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 def preprocess(
     image: object,
     *,
-    short_side: int | None = 336,
-    long_side: int = 2048,
+    short_side: int | None = _DEFAULTS.short_side,
+    long_side: int = _DEFAULTS.long_side,
     size: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -206,38 +196,54 @@ def preprocess(
     ``None``).
     """
     x = to_tensor_image(image)
-    if device is not None:
-        x = x.to(device)
     h, w = x.shape[-2:]
     if size is not None:
-        nh, nw = (_positive_int("size[0]", size[0]), _positive_int("size[1]", size[1]))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
-            x = x.round_().clamp_(0.0, 255.0)
+        size = (check_positive_int("size[0]", size[0]), check_positive_int("size[1]", size[1]))
     elif short_side is not None:
-        nh, nw = rescale_size(h, w, short_side, long_side)
-        if min(nh, nw) <= 0:
+        size = rescale_size(h, w, short_side, long_side)
+        if min(size) <= 0:
             raise ValueError(
                 f"image: {h}x{w} resized with short side {short_side} / long side {long_side} becomes "
-                f"{nh}x{nw}; the aspect ratio is too extreme"
+                f"{size[0]}x{size[1]}; the aspect ratio is too extreme"
             )
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
-            x = x.round_().clamp_(0.0, 255.0)
+    return _resize_normalize(x, size, device)
+
+
+def resize_normalize(
+    rgb: object, size: tuple[int, int], *, device: torch.device | str | None
+) -> torch.Tensor:
+    """:func:`preprocess` of a checked uint8 RGB ``H x W x 3`` array (:func:`naclip.io.load_image`'s output)
+    to a checked ``size`` (:func:`model_input_size`); no validation (internal callers)."""
+    t = rgb if isinstance(rgb, torch.Tensor) else torch.from_numpy(rgb)
+    return _resize_normalize(t.permute(2, 0, 1).unsqueeze(0).float(), size, device)
+
+
+def _resize_normalize(
+    x: torch.Tensor, size: tuple[int, int] | None, device: torch.device | str | None
+) -> torch.Tensor:
+    """``[1, 3, H, W]`` 0-255 float -> moved to ``device``, resized to ``size`` like cv2's uint8 bilinear
+    (``None`` or the same size: no resize), normalised."""
+    if device is not None:
+        x = x.to(device)
+    if size is not None and tuple(size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
+        x = x.round_().clamp_(0.0, 255.0)
     return normalize(x)
 
 
-def slide_windows(height: int, width: int, crop: int = 224, stride: int = 112) -> list[Window]:
+def slide_windows(
+    height: int, width: int, crop: int = _DEFAULTS.crop, stride: int = _DEFAULTS.stride
+) -> list[Window]:
     """Window placement of the official ``forward_slide`` (spec §2.4), row-major.
 
     ``n_h = max(H - crop + stride - 1, 0) // stride + 1`` (same for W); window ``(i, j)``: ``y1 = i·stride``,
     ``y2 = min(y1 + crop, H)``, ``y1 = max(y2 - crop, 0)`` (the last window is shifted back to end at the
     border); an image smaller than the crop gives one window covering it at its own size.
     """
-    _positive_int("height", height)
-    _positive_int("width", width)
-    _positive_int("crop", crop)
-    _positive_int("stride", stride)
+    check_positive_int("height", height)
+    check_positive_int("width", width)
+    check_positive_int("crop", crop)
+    check_positive_int("stride", stride)
     n_h = max(height - crop + stride - 1, 0) // stride + 1
     n_w = max(width - crop + stride - 1, 0) // stride + 1
     out = []
@@ -319,7 +325,7 @@ def crops_per_chunk(
     open_clip ``transformer.width``, else 1024. The head count no longer enters the estimate.
     """
     ph, pw = _patch_size(visual)
-    _positive_int("memory_budget", memory_budget)
+    check_positive_int("memory_budget", memory_budget)
     t = 1 + (crop_hw[0] // ph) * (crop_hw[1] // pw)
     inner = getattr(visual, "visual", visual)
     tr = getattr(inner, "transformer", None)
@@ -333,8 +339,8 @@ def slide_logits(
     image: torch.Tensor,
     text: torch.Tensor,
     *,
-    crop: int = 224,
-    stride: int = 112,
+    crop: int = _DEFAULTS.crop,
+    stride: int = _DEFAULTS.stride,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_batch: int | None = None,
     pad_crops: bool = False,
@@ -359,7 +365,7 @@ def slide_logits(
     elem = image.element_size()
     for shape, wins in groups.items():
         if max_batch is not None:
-            chunk = _positive_int("max_batch", max_batch)
+            chunk = check_positive_int("max_batch", max_batch)
         else:
             chunk = crops_per_chunk(visual, shape, memory_budget, element_size=elem)
         for start in range(0, len(wins), chunk):
@@ -387,9 +393,9 @@ def infer_logits(
     image: torch.Tensor,
     text: torch.Tensor,
     *,
-    mode: str = "whole",
-    crop: int = 224,
-    stride: int = 112,
+    mode: str = _DEFAULTS.mode,
+    crop: int = _DEFAULTS.crop,
+    stride: int = _DEFAULTS.stride,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_batch: int | None = None,
     pad_crops: bool = False,
@@ -398,31 +404,59 @@ def infer_logits(
     """Logits ``[1, Q, H, W]`` (float32) of a normalised image ``[1, 3, H, W]`` for ``mode`` in
     :data:`MODES`. ``pad_crops``: see :func:`slide_logits`; ``whole_size``: whole / single modes resize the
     patch logits straight to this size (ClearCLIP / SCLIP / SC-CLIP resize once, to the output size)."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image: expected a normalised tensor [1, 3, H, W], got {shape}")
-    ph, pw = _patch_size(visual)
-    h, w = image.shape[-2:]
+    check_choice("mode", mode, MODES)
+    check_model_input(image)
+    if mode == "slide":
+        check_positive_int("crop", crop)
+        check_positive_int("stride", stride)
+    check_crop(mode, crop, tuple(image.shape[-2:]), _patch_size(visual))
+    return run_logits(
+        visual, image, text, mode=mode, crop=crop, stride=stride, memory_budget=memory_budget,
+        max_batch=max_batch, pad_crops=pad_crops, whole_size=whole_size,
+    )  # fmt: skip
+
+
+def check_crop(mode: str, crop: int, hw: tuple[int, int], patch: tuple[int, int]) -> None:
+    """The model input ``hw`` holds one ``patch`` and, in ``slide`` mode, so does a window of ``crop``."""
+    (h, w), (ph, pw) = hw, patch
     if h < ph or w < pw:
         raise ValueError(f"image: {h}x{w} is smaller than one {ph}x{pw} patch")
+    if mode == "slide" and (min(crop, h) < ph or min(crop, w) < pw):
+        raise ValueError(f"crop: {crop} is smaller than one {ph}x{pw} patch")
+
+
+def run_logits(
+    visual: VisualFn, image: torch.Tensor, text: torch.Tensor, *, mode: str, crop: int, stride: int,
+    memory_budget: int, max_batch: int | None = None, pad_crops: bool = False,
+    whole_size: tuple[int, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`infer_logits` on checked arguments (no validation; internal callers)."""
     if mode == "slide":
-        _positive_int("crop", crop)
-        _positive_int("stride", stride)
-        if min(crop, h) < ph or min(crop, w) < pw:
-            raise ValueError(f"crop: {crop} is smaller than one {ph}x{pw} patch")
         return slide_logits(
-            visual,
-            image,
-            text,
-            crop=crop,
-            stride=stride,
-            memory_budget=memory_budget,
-            max_batch=max_batch,
-            pad_crops=pad_crops,
-        )
+            visual, image, text, crop=crop, stride=stride, memory_budget=memory_budget,
+            max_batch=max_batch, pad_crops=pad_crops,
+        )  # fmt: skip
     return whole_logits(visual, image, text, size=whole_size)
+
+
+@dataclass(frozen=True)
+class PostSettings:
+    """Checked post-processing settings (what :func:`postprocess` validated; internal callers that built
+    them from checked values pass them to :func:`run_postprocess` directly). ``keep_probs`` is resolved."""
+
+    query_idx: torch.Tensor
+    ori_shape: tuple[int, int]
+    num_classes: int
+    pamr_steps: int
+    pamr_dilations: tuple[int, ...]
+    prob_thd: float
+    logit_scale: float
+    below_thd_label: int
+    area_thd: float | None
+    renormalize: bool
+    memory_budget: int
+    keep_probs: bool
+    tile_hw: tuple[int, int] | None = None
 
 
 def postprocess(
@@ -432,9 +466,9 @@ def postprocess(
     *,
     ori_shape: tuple[int, int],
     num_classes: int | None = None,
-    pamr_steps: int = 10,
-    pamr_dilations: Sequence[int] = (8, 16),
-    prob_thd: float = 0.0,
+    pamr_steps: int = _DEFAULTS.pamr_steps,
+    pamr_dilations: Sequence[int] = _DEFAULTS.pamr_dilations,
+    prob_thd: float = _DEFAULTS.prob_thd,
     logit_scale: float = LOGIT_SCALE,
     below_thd_label: int = 0,
     area_thd: float | None = None,
@@ -483,6 +517,28 @@ def postprocess(
     ``uint8`` up to 256 classes) and ``probs`` (``float32`` or ``None``), both on the CPU. Raises
     ``TypeError`` / ``ValueError`` naming the argument for a bad input.
     """
+    check_logits_and_image(logits, image)
+    oh, ow = check_shape("ori_shape", ori_shape)
+    qidx, n_cls = check_query_idx(query_idx, logits.shape[1], logits.device, num_classes)
+    settings = PostSettings(
+        query_idx=qidx, ori_shape=(oh, ow), num_classes=n_cls,
+        pamr_steps=check_int("pamr_steps", pamr_steps, minimum=0),
+        pamr_dilations=tuple(pamr_dilations), prob_thd=check_probability("prob_thd", prob_thd),
+        logit_scale=check_number("logit_scale", logit_scale),
+        below_thd_label=check_int("below_thd_label", below_thd_label, minimum=0),
+        area_thd=None if area_thd is None else check_probability("area_thd", area_thd),
+        renormalize=renormalize, memory_budget=check_positive_int("memory_budget", memory_budget),
+        keep_probs=_resolve_keep_probs(keep_probs, n_cls * oh * ow, memory_budget),
+        tile_hw=None if tile_hw is None else check_shape("tile_hw", tile_hw),
+    )  # fmt: skip
+    if settings.pamr_steps > 0:
+        _check_dilations(settings.pamr_dilations)
+    return run_postprocess(logits, image, settings, probs_sink=probs_sink)
+
+
+def check_logits_and_image(logits: object, image: object) -> None:
+    """The tensor checks of :func:`postprocess`: floating ``logits [1, Q, H, W]`` (non-empty) and a
+    normalised floating ``image [1, 3, H', W']``."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[0] != 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected a floating tensor [1, Q, H, W], got {shape}")
@@ -490,68 +546,77 @@ def postprocess(
         raise TypeError(f"logits: expected a floating tensor, got dtype {logits.dtype}")
     if logits.shape[1] < 1 or logits.shape[2] < 1 or logits.shape[3] < 1:
         raise ValueError(f"logits: expected a non-empty [1, Q, H, W] tensor, got {tuple(logits.shape)}")
+    check_model_input(image)
+
+
+def check_model_input(image: object) -> None:
+    """A normalised floating model input ``[1, 3, H, W]``; ``ValueError`` / ``TypeError`` otherwise."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image: expected a normalised float tensor [1, 3, H, W], got {shape}")
     if not image.is_floating_point():
         raise TypeError(f"image: expected a normalised floating tensor, got dtype {image.dtype}")
-    thd = _check_probability("prob_thd", prob_thd)
-    if isinstance(below_thd_label, bool) or not isinstance(below_thd_label, int) or below_thd_label < 0:
-        raise ValueError(f"below_thd_label: expected an int >= 0, got {below_thd_label!r}")
-    area = None if area_thd is None else _check_probability("area_thd", area_thd)
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, int | float):
-        raise TypeError(
-            f"logit_scale: expected a finite number, got {type(logit_scale).__name__} {logit_scale!r}"
-        )
-    if not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale: expected a finite number, got {logit_scale!r}")
-    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int):
-        raise TypeError(f"pamr_steps: expected an int >= 0, got {type(pamr_steps).__name__} {pamr_steps!r}")
-    if pamr_steps < 0:
-        raise ValueError(f"pamr_steps: expected an int >= 0, got {pamr_steps!r}")
-    if isinstance(ori_shape, str | bytes) or not isinstance(ori_shape, Sequence) or len(ori_shape) != 2:
-        raise ValueError(f"ori_shape: expected (height, width), got {ori_shape!r}")
-    oh, ow = (_positive_int(f"ori_shape[{i}]", _as_int(s)) for i, s in enumerate(ori_shape))
+
+
+def check_shape(name: str, shape: object) -> tuple[int, int]:
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or len(shape) != 2:
+        raise ValueError(f"{name}: expected (height, width), got {shape!r}")
+    return tuple(check_positive_int(f"{name}[{i}]", _as_int(s)) for i, s in enumerate(shape))  # type: ignore
+
+
+def check_query_idx(
+    query_idx: object, num_queries: int, device: torch.device, num_classes: int | None
+) -> tuple[torch.Tensor, int]:
+    """``(query_idx as a long tensor on device, number of classes)``: one integer class index per query
+    in ``[0, num_classes)`` (default ``num_classes = max(query_idx) + 1``)."""
     if num_classes is not None:
-        _positive_int("num_classes", num_classes)
-    qidx = torch.as_tensor(query_idx, device=logits.device)
+        check_positive_int("num_classes", num_classes)
+    qidx = torch.as_tensor(query_idx, device=device)
     if qidx.is_floating_point() or qidx.is_complex() or qidx.dtype == torch.bool:
         raise TypeError(f"query_idx: expected integer class indices, got dtype {qidx.dtype}")
     qidx = qidx.long()
-    if qidx.ndim != 1 or qidx.numel() != logits.shape[1]:
+    if qidx.ndim != 1 or qidx.numel() != num_queries:
         raise ValueError(
-            f"query_idx: expected {logits.shape[1]} entries (one per query), got shape {tuple(qidx.shape)}"
+            f"query_idx: expected {num_queries} entries (one per query), got shape {tuple(qidx.shape)}"
         )
     n_cls = int(qidx.max()) + 1 if num_classes is None else int(num_classes)
     if int(qidx.min()) < 0 or int(qidx.max()) >= n_cls:
         raise ValueError(f"query_idx: values must lie in [0, {n_cls}), got {qidx.tolist()}")
+    return qidx, n_cls
 
-    _positive_int("memory_budget", memory_budget)
-    if keep_probs is not None and not isinstance(keep_probs, bool):
-        raise TypeError(f"keep_probs: expected a bool or None, got {keep_probs!r}")
-    if keep_probs is None:
-        keep_probs = 4 * n_cls * oh * ow <= memory_budget
-    if tile_hw is not None:
-        tile_hw = (_positive_int("tile_hw[0]", tile_hw[0]), _positive_int("tile_hw[1]", tile_hw[1]))
-    dils = tuple(pamr_dilations)
-    if pamr_steps > 0:
-        _check_dilations(dils)
-    if area is not None or not renormalize:  # the area filter needs the whole argmax map: untiled
+
+def _resolve_keep_probs(keep_probs: object, pixels_x_classes: int, memory_budget: int) -> bool:
+    """``keep_probs`` (a bool), or for ``None`` whether ``4·C·oh·ow <= memory_budget``."""
+    check_bool("keep_probs", keep_probs, allow_none=True)
+    return 4 * pixels_x_classes <= memory_budget if keep_probs is None else bool(keep_probs)
+
+
+def run_postprocess(
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    s: PostSettings,
+    *,
+    probs_sink: Callable[[torch.Tensor, int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`postprocess` on checked settings (no validation): tiled, or untiled for ``area_thd`` /
+    ``renormalize=False`` (the area filter needs the whole argmax map)."""
+    (oh, ow), dils, qidx = s.ori_shape, s.pamr_dilations, s.query_idx
+    if s.area_thd is not None or not s.renormalize:
         return _postprocess_untiled(
-            logits, image, qidx, oh=oh, ow=ow, n_cls=n_cls, pamr_steps=pamr_steps, pamr_dilations=dils,
-            thd=thd, logit_scale=logit_scale, below_thd_label=below_thd_label, area=area,
-            renormalize=renormalize,
+            logits, image, qidx, oh=oh, ow=ow, n_cls=s.num_classes, pamr_steps=s.pamr_steps,
+            pamr_dilations=dils, thd=s.prob_thd, logit_scale=s.logit_scale,
+            below_thd_label=s.below_thd_label, area=s.area_thd, renormalize=s.renormalize,
         )  # fmt: skip
-    kw = {"num_classes": n_cls, "prob_thd": thd, "logit_scale": float(logit_scale)}
-    kw |= {"below_thd_label": below_thd_label}
-    kw |= {"memory_budget": memory_budget, "keep_probs": keep_probs, "probs_sink": probs_sink}
+    kw = {"num_classes": s.num_classes, "prob_thd": s.prob_thd, "logit_scale": s.logit_scale}
+    kw |= {"below_thd_label": s.below_thd_label}
+    kw |= {"memory_budget": s.memory_budget, "keep_probs": s.keep_probs, "probs_sink": probs_sink}
     try:
         return run_tiles(
-            logits, image, qidx, ori_shape=(oh, ow), pamr_steps=pamr_steps, pamr_dilations=dils,
-            tile_hw=tile_hw, **kw,
+            logits, image, qidx, ori_shape=(oh, ow), pamr_steps=s.pamr_steps, pamr_dilations=dils,
+            tile_hw=s.tile_hw, **kw,
         )  # fmt: skip
     except RuntimeError as exc:  # e.g. out of memory on a huge image: keep the unrefined logits
-        if pamr_steps == 0:
+        if s.pamr_steps == 0:
             raise
         warnings.warn(f"PAMR skipped: {exc}", RuntimeWarning, stacklevel=2)
     return run_tiles(logits, image, qidx, ori_shape=(oh, ow), pamr_steps=0, pamr_dilations=dils, **kw)

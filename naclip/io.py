@@ -47,6 +47,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from naclip.config import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "OVERLAY_ALPHA",
@@ -68,8 +70,6 @@ __all__ = [
     "atomic_write",
 ]
 
-#: Default pixel limit (H·W) of an input image: 64 megapixels (e.g. 8000 x 8000).
-DEFAULT_MAX_PIXELS = 64_000_000
 #: Default opacity of the class colours in an overlay: ``(1 - alpha)·image + alpha·colour``.
 OVERLAY_ALPHA = 0.5
 #: Label of pixels below ``prob_thd`` when no user class is a background (palette PNG value, legend name).

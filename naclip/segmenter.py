@@ -1,32 +1,36 @@
-"""The public segmentation API: :class:`Segmenter`, :class:`SegmentationResult`, :class:`SegmentConfig`.
+"""The public segmentation API: :class:`Segmenter` (``predict``, ``predict_from_features``, text features).
 
 ``Segmenter(clip_model, tokenizer)`` wraps any open_clip CLIP ViT (or, for feature-level use such as the
-fixture replay, a bare open_clip ``VisionTransformer`` with ``tokenizer=None``). ``predict(image, classes |
-preset=...)`` runs the full NACLIP pipeline (see :mod:`naclip.inference`): load/convert the image
-(:func:`naclip.io.load_image`), resize (short side 336 by default), normalise, dense cosine logits in
-``whole``, ``slide`` or ``single`` mode, resize to the original size, PAMR, ``softmax(40·logits)``, max over
-synonyms, ``prob_thd`` background, and returns a :class:`SegmentationResult` at the original resolution.
+fixture replay, a bare open_clip ``VisionTransformer`` with ``tokenizer=None``). ``predict(image | [images],
+classes | preset=...)`` runs the full NACLIP pipeline (:mod:`naclip.inference`): load/convert the image
+(:func:`naclip.io.load_image`), resize, normalise, dense cosine logits in ``whole``, ``slide`` or ``single``
+mode, resize to the original size, PAMR, ``softmax(40·logits)``, max over synonyms, ``prob_thd`` background,
+and returns a :class:`naclip.result.SegmentationResult` (a list for a list) at the original resolution.
 
-Settings come from, in order of precedence: the keyword arguments of ``predict``, the preset (if any), then
-the :class:`SegmentConfig` given to the ``Segmenter`` (defaults below; the single home of the library
-defaults).
+Settings: the :class:`naclip.config.SegmentConfig` of the ``Segmenter`` (the one home of the defaults), then
+the preset, then ``predict``'s arguments, merged by :meth:`SegmentConfig.resolve`. Arguments are validated
+here, once; the internal steps trust them. ``SegmentConfig``, ``SegmentationResult`` and the dtype parser
+(:mod:`naclip.precision`) are re-exported from this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from naclip import inference, io
+from naclip._validate import check_bool, check_int
+from naclip.config import SegmentConfig
+from naclip.precision import DTYPES, dtype_name, place, resolve_dtype
 from naclip.presets import Preset, get_preset
+from naclip.result import SegmentationResult
 from naclip.text import (
-    TEMPLATES,
     ClassSpec,
     TextFeatureCache,
     encode_queries,
@@ -42,6 +46,9 @@ from naclip.text_cache import (
     weights_digest,
 )
 
+#: the library defaults (their one home is :class:`SegmentConfig`) used in the signatures below
+_DEFAULTS = SegmentConfig()
+
 __all__ = [
     "DTYPES",
     "SegmentConfig",
@@ -51,153 +58,6 @@ __all__ = [
     "dtype_name",
     "resolve_dtype",
 ]
-
-#: Canonical dtype names (CLI choices and open_clip ``precision`` strings) -> torch dtype.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_ALIASES = {
-    **DTYPES,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The one dtype parser of naclip (used by :class:`Segmenter`, :func:`naclip.hub.load_clip` and the CLIs).
-
-    ``None`` -> ``None``; ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` -> itself; a string,
-    case-insensitive, surrounding whitespace and an optional ``"torch."`` prefix ignored: ``"fp32"``,
-    ``"float32"``, ``"float"``, ``"fp16"``, ``"float16"``, ``"half"``, ``"bf16"``, ``"bfloat16"`` (so
-    ``"torch.float16"`` and ``str(torch.float16)`` work) -> the torch dtype.
-
-    Raises ``TypeError`` for anything that is not ``None``, a ``str`` or a ``torch.dtype``, and
-    ``ValueError`` for an unknown name or another torch dtype (e.g. ``torch.int8``).
-    """
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPE_NAMES:
-            return dtype
-    elif isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
-    else:
-        raise TypeError(
-            f"dtype: expected None, a str (fp32, fp16, bf16) or a torch dtype, got {type(dtype).__name__} "
-            f"{dtype!r}"
-        )
-    raise ValueError(f"dtype: expected one of fp32, fp16, bf16 (or a matching torch dtype), got {dtype!r}")
-
-
-def dtype_name(dtype: str | torch.dtype | None) -> str:
-    """Canonical name (``"fp32"``, ``"fp16"``, ``"bf16"``) of anything :func:`resolve_dtype` accepts;
-    ``None`` -> ``"fp32"`` (the default precision). Same errors as :func:`resolve_dtype`."""
-    resolved = resolve_dtype(dtype)
-    return "fp32" if resolved is None else _DTYPE_NAMES[resolved]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Library defaults (used when neither ``predict``'s arguments nor a preset set a value).
-
-    Attributes:
-        mode: ``"whole"`` (resized image in one pass), ``"slide"`` (crop/stride windows, averaged) or
-            ``"single"`` (native resolution rounded to the patch grid, one pass; see
-            :func:`naclip.inference.model_input_size`).
-        short_side, long_side: resize ``scale=(long_side, short_side)`` (mmcv ``imrescale``) for ``whole`` /
-            ``slide``; ``short_side=None`` keeps the original resolution. ``single`` ignores these defaults
-            (native) and only rescales with the sides passed to ``predict``.
-        crop, stride: sliding-window size and step in pixels of the resized image.
-        pamr: PAMR refinement on/off (official default on); ``pamr_steps`` iterations, ``pamr_dilations``.
-        prob_thd: pixels whose best class probability is below it become class 0.
-        logit_scale: softmax temperature (40 in NACLIP).
-        gaussian_std: std of NACLIP's Gaussian attention bias in patch units (5 in NACLIP; the default of
-            :class:`Segmenter`'s ``gaussian_std``).
-        area_thd: SCLIP's area filter (``None`` = off; :func:`naclip.inference.postprocess`).
-        max_pixels: limit on ``H·W`` of the input image and of the resized model input (``None``: no limit).
-        exif_orientation: turn image files upright by their EXIF Orientation tag (see
-            :func:`naclip.io.load_image`); ``False`` keeps the pixels as stored.
-        memory_budget: bytes of working memory for a batch of sliding-window crops (sets the crop batch size)
-            and for one post-processing tile (sets the tile size; the result does not depend on it). Also
-            the limit up to which ``probs`` are kept in the result (``4·C·H·W`` bytes).
-        single_max_pixels: limit on ``h·w`` of the ``single`` mode's model input (``None``: no limit); a
-            larger input is a :class:`naclip.io.ImageTooLargeError` naming ``short_side`` / ``long_side``.
-        text_batch: queries per ``encode_text`` call (each query has ``len(templates)`` prompts).
-        templates: prompt templates with a ``{c}`` placeholder; default the 80 OpenAI ImageNet templates
-            (:data:`naclip.text.TEMPLATES`, as NACLIP). Fewer templates encode faster but change the features.
-    """
-
-    mode: str = "whole"
-    short_side: int | None = 336
-    long_side: int = 2048
-    crop: int = 224
-    stride: int = 112
-    pamr: bool = True
-    pamr_steps: int = 10
-    pamr_dilations: tuple[int, ...] = (8, 16)
-    prob_thd: float = 0.0
-    logit_scale: float = inference.LOGIT_SCALE
-    gaussian_std: float = 5.0
-    area_thd: float | None = None
-    max_pixels: int | None = io.DEFAULT_MAX_PIXELS
-    exif_orientation: bool = True
-    memory_budget: int = inference.DEFAULT_MEMORY_BUDGET
-    single_max_pixels: int | None = 4096 * 4096
-    text_batch: int = 8
-    templates: tuple[str, ...] = TEMPLATES
-
-    def __post_init__(self) -> None:
-        if self.mode not in inference.MODES:
-            raise ValueError(f"mode: expected one of {inference.MODES}, got {self.mode!r}")
-        if self.short_side is not None:
-            _check_int("short_side", self.short_side, 1)
-        _check_int("long_side", self.long_side, 1)
-        _check_int("crop", self.crop, 1)
-        _check_int("stride", self.stride, 1)
-        _check_int("pamr_steps", self.pamr_steps, 0)
-        if not isinstance(self.pamr, bool):
-            raise TypeError(f"pamr: expected a bool, got {self.pamr!r}")
-        if not isinstance(self.exif_orientation, bool):
-            raise TypeError(f"exif_orientation: expected a bool, got {self.exif_orientation!r}")
-        if not self.pamr_dilations or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.pamr_dilations
-        ):
-            raise ValueError(f"pamr_dilations: expected positive ints, got {self.pamr_dilations!r}")
-        _check_prob_thd(self.prob_thd)
-        if self.area_thd is not None:
-            inference._check_probability("area_thd", self.area_thd)
-        if self.max_pixels is not None:
-            _check_int("max_pixels", self.max_pixels, 1)
-        _check_int("memory_budget", self.memory_budget, 1)
-        if self.single_max_pixels is not None:
-            _check_int("single_max_pixels", self.single_max_pixels, 1)
-        _check_int("text_batch", self.text_batch, 1)
-        std = self.gaussian_std
-        if isinstance(std, bool) or not isinstance(std, int | float) or not 0 < std < float("inf"):
-            raise ValueError(f"gaussian_std: expected a finite number > 0, got {std!r}")
-        if (
-            isinstance(self.templates, str)
-            or not self.templates
-            or not all(isinstance(t, str) and "{c}" in t for t in self.templates)
-        ):
-            raise ValueError(
-                f"templates: expected a non-empty tuple of str containing '{{c}}', got {self.templates!r}"
-            )
-
-
-def _check_prob_thd(value: Any) -> float:
-    return inference._check_probability("prob_thd", value)
 
 
 def check_input_size(
@@ -255,142 +115,6 @@ def _below_thd_label(spec: ClassSpec, preset: Preset | None) -> tuple[int, bool]
         if any(s.strip().lower() == "background" for s in synonyms):
             return c, False
     return max(io.UNKNOWN_LABEL, spec.num_classes), False
-
-
-@dataclass
-class SegmentationResult:
-    """A segmentation at the original image resolution.
-
-    Attributes:
-        labels: integer tensor ``[H, W]`` (cpu), class index per pixel, in the smallest dtype holding the
-            classes (``uint8`` up to 256 classes, then ``int16``, ``int32``; :func:`naclip.tiles.label_dtype`;
-            use ``labels.long()`` to index with it).
-        probs: ``FloatTensor [C, H, W]`` (cpu), per-class probabilities (max over synonyms, renormalised to
-            sum 1), or ``None`` when they were not kept (larger than ``SegmentConfig.memory_budget``, or
-            ``keep_probs=False``; stream them to a file with ``predict(..., probs_path=...)``).
-        class_names: ``C`` display names (``class_names[labels[y, x]]``).
-        logits: raw cosine logits ``[Q, h, w]`` at model-input resolution (before resizing, PAMR and softmax),
-            only when requested (``return_logits=True``), else ``None``.
-        image: the uint8 RGB input ``[H, W, 3]`` when known (used by :meth:`save_overlay`).
-        source: the input file path when the image was given as a path (never overwritten by the writers).
-        palette: ``uint8 [256, 3]`` colours of the label values for the writers
-            (:func:`naclip.io.label_palette`; ``None``: VOC). Labels may hold
-            :data:`naclip.io.UNKNOWN_LABEL` (pixels below ``prob_thd`` when no user class is a background).
-        settings: the settings :meth:`Segmenter.predict` used (mode, PAMR, threshold, sizes, model, and
-            ``below_thd_label``, the label of pixels below the threshold), as written into :meth:`to_json`.
-    """
-
-    labels: torch.Tensor
-    probs: torch.Tensor | None
-    class_names: list[str]
-    logits: torch.Tensor | None = None
-    image: np.ndarray | None = field(default=None, repr=False)
-    source: Path | None = None
-    palette: np.ndarray | None = field(default=None, repr=False)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def _protect(self, protect: Iterable[os.PathLike | str]) -> list[os.PathLike | str]:
-        return [*([self.source] if self.source is not None else []), *protect]
-
-    def save_mask(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
-        """Palette PNG of ``labels`` (VOC palette), written atomically; never onto the input file."""
-        return io.save_mask(path, self.labels, palette=self.palette, protect=self._protect(protect))
-
-    def save_overlay(
-        self,
-        path: str | os.PathLike,
-        image: Any = None,
-        *,
-        alpha: float = io.OVERLAY_ALPHA,
-        protect: Iterable[os.PathLike | str] = (),
-    ) -> Path:
-        """Colour overlay of ``labels`` on ``image`` (default: the predicted image) with a legend,
-        atomically."""
-        img = self.image if image is None else image
-        if img is None:
-            raise ValueError("image: no image stored in this result; pass the image to overlay")
-        return io.save_overlay(
-            path,
-            img,
-            self.labels,
-            self.class_names,
-            alpha=alpha,
-            palette=self.palette,
-            protect=self._protect(protect),
-        )
-
-    def save_probs(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
-        """``probs`` as a float32 ``.npy`` ``[C, H, W]``, written atomically."""
-        if self.probs is None:
-            raise ValueError(
-                "probs: this result did not keep its probabilities (they exceed SegmentConfig.memory_budget "
-                "or keep_probs=False); pass probs_path= to predict to stream them to a .npy file"
-            )
-        return io.save_probs(path, self.probs, protect=self._protect(protect))
-
-    def summary(self) -> dict[str, Any]:
-        """``{"height", "width", "classes": [{"index", "name", "pixels", "fraction", "mean_prob"}],
-        "settings"}`` (:func:`naclip.outputs.summary`: exact pixel counts, ``mean_prob`` over the class's
-        own pixels)."""
-        from naclip import outputs
-
-        return outputs.summary(self.labels, self.probs, self.class_names, self.settings)
-
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """:meth:`summary` as JSON text."""
-        import json
-
-        return json.dumps(self.summary(), indent=indent, ensure_ascii=False, allow_nan=False)
-
-    def save_json(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
-        """:meth:`summary` as a UTF-8 JSON file, written atomically."""
-        from naclip import outputs
-
-        return outputs.save_json(path, self.summary(), protect=self._protect(protect))
-
-    def save_heatmaps(self, path: str | os.PathLike, *, protect: Iterable[os.PathLike | str] = ()) -> Path:
-        """Titled grid of the per-class probability maps with a colour bar (PNG), written atomically
-        (:func:`naclip.outputs.render_heatmaps`)."""
-        from naclip import outputs
-
-        return outputs.save_heatmaps(
-            path, self.probs, self.class_names, labels=self.labels, protect=self._protect(protect)
-        )
-
-    def to_hf(self) -> list[dict[str, Any]]:
-        """transformers ``image-segmentation`` pipeline format: per class present, ``{"label", "score"
-        (mean probability over its pixels), "mask" (PIL "L", 255 on the class)}``."""
-        from naclip import outputs
-
-        return outputs.to_hf(self.labels, self.probs, self.class_names)
-
-    def to_supervision(self) -> Any:
-        """``supervision.Detections`` (masks, boxes, class ids, mean probabilities, class names) of the
-        classes present; needs the optional ``supervision`` package."""
-        from naclip import outputs
-
-        return outputs.to_supervision(self.labels, self.probs, self.class_names)
-
-
-def _place(module: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
-    """Move ``module`` in place to ``device`` and set its precision like open_clip's ``precision=``
-    (spec §1.5, the same path as :func:`naclip.hub.load_clip`).
-
-    ``float32``: every floating parameter/buffer in fp32. ``float16`` / ``bfloat16``: open_clip's mixed
-    precision (``open_clip.model.convert_weights_to_lp``): conv/linear/attention projection weights and
-    ``proj`` / ``text_projection`` in the low-precision dtype; LayerNorms, the class and positional
-    embeddings stay fp32 (the model is first brought back to fp32, so a model that was half already gets
-    its LayerNorms in fp32 again). ``dtype=None`` leaves the precision unchanged.
-    """
-    if dtype is None:
-        if device is not None:
-            module.to(device=device)
-        return
-    module.to(device=device, dtype=torch.float32)
-    if dtype != torch.float32:
-        from open_clip.model import convert_weights_to_lp
-
-        convert_weights_to_lp(module, dtype=dtype)
 
 
 def _disk_cache(text_cache: str | os.PathLike | bool | None) -> DiskTextCache | None:
@@ -490,7 +214,7 @@ class Segmenter:
         self.tokenizer = tokenizer
         torch_dtype = resolve_dtype(dtype)
         module = self.clip_model if self.clip_model is not None else visual
-        _place(module, device, torch_dtype)
+        place(module, device, torch_dtype)
         module.eval()
         self.visual = build_visual(
             method,
@@ -640,104 +364,87 @@ class Segmenter:
         stride: int | None = None,
         return_logits: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        probs_path: str | os.PathLike | None = None,
+        probs_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         keep_probs: bool | None = None,
-    ) -> SegmentationResult:
+    ) -> SegmentationResult | list[SegmentationResult]:
         """Segment ``image`` into ``classes`` (or the ``preset``'s classes).
 
-        ``image``: path, PIL image, numpy array or tensor (see :func:`naclip.io.load_image`). ``classes``:
-        ``"sky, cloud; tree; person"`` or ``["sky, cloud", "tree", "person"]`` (``";"`` separates classes,
-        commas synonyms). ``preset``: one of :data:`naclip.presets.PRESET_NAMES`; it supplies the classes
-        (unless ``classes`` is given), ``mode``, ``prob_thd``, ``short_side``/``long_side`` and PAMR on. Other
-        arguments override (``None`` = preset or :class:`SegmentConfig` default). Returns labels/probs at the
-        original size. ``mode="single"`` runs at native resolution (rounded to the patch grid) unless
-        ``short_side`` / ``long_side`` are passed here (preset and config sizes do not apply).
+        ``image``: path, PIL image, numpy array or tensor (see :func:`naclip.io.load_image`), or a ``list``
+        of them: then a list of results (one per image, in order, each equal to a single call; the text
+        features are computed once). ``classes``: ``"sky, cloud; tree; person"`` or ``["sky, cloud",
+        "tree", "person"]`` (``";"`` separates classes, commas synonyms). ``preset``: one of
+        :data:`naclip.presets.PRESET_NAMES`; it supplies the classes (unless ``classes`` is given),
+        ``mode``, ``prob_thd``, ``short_side``/``long_side`` and PAMR on. Other arguments override (``None``
+        = preset or :class:`SegmentConfig` default; merged by :meth:`SegmentConfig.resolve`). Returns
+        labels/probs at the original size. ``mode="single"`` runs at native resolution (rounded to the patch
+        grid) unless ``short_side`` / ``long_side`` are passed here (preset and config sizes do not apply).
         ``probs_path``: stream the probabilities to this ``.npy`` (atomically, tile by tile, never the input
-        file); ``keep_probs``: keep them in the result (``None``: when they fit ``memory_budget``).
+        file; for a list of images a list of paths, one per image); ``keep_probs``: keep them in the result
+        (``None``: when they fit ``memory_budget``).
         """
+        pre = self._preset(preset)
+        spec = self._resolve_classes(classes, pre)
+        cfg = self.config.resolve(
+            pre, mode=mode, pamr=pamr, prob_thd=prob_thd, short_side=short_side, long_side=long_side,
+            crop=crop, stride=stride,
+        )  # fmt: skip
+        sides = (short_side, long_side) if cfg.mode == "single" else (cfg.short_side, cfg.long_side)
+        check_bool("keep_probs", keep_probs, allow_none=True)
+        images, paths = _as_batch(image, probs_path)
+        self._configure_method(pre)
+        feats, qidx, _ = self.text_features(spec, progress=progress)
+        run = _Run(spec=spec, preset=pre, cfg=cfg, sides=sides, feats=feats, qidx=qidx.to(self.device))
+        results = [
+            self._predict_one(img, run, return_logits=return_logits, probs_path=path, keep_probs=keep_probs)
+            for img, path in zip(images, paths, strict=True)
+        ]
+        return results if isinstance(image, list) else results[0]
+
+    def _preset(self, preset: str | Preset | None) -> Preset | None:
+        """The preset (by name or as given) as this Segmenter's method runs it."""
         from naclip.methods import method_preset
 
-        cfg = self.config
         pre = get_preset(preset) if isinstance(preset, str) else preset
         if pre is not None and not isinstance(pre, Preset):
             raise TypeError(f"preset: expected a preset name or Preset, got {type(preset).__name__}")
-        if pre is not None:
-            pre = method_preset(self.method, pre)
-        spec = self._resolve_classes(classes, pre)
-        mode = mode if mode is not None else (pre.mode if pre is not None else cfg.mode)
-        if mode not in inference.MODES:
-            raise ValueError(f"mode: expected one of {inference.MODES}, got {mode!r}")
-        use_pamr = pamr if pamr is not None else (pre.pamr if pre is not None else cfg.pamr)
-        if not isinstance(use_pamr, bool):
-            raise TypeError(f"pamr: expected a bool or None, got {pamr!r}")
-        thd = _check_prob_thd(
-            prob_thd if prob_thd is not None else (pre.prob_thd if pre is not None else cfg.prob_thd)
-        )
-        if short_side is not None:
-            _check_int("short_side", short_side, 1)
-        elif mode != "single":
-            short_side = pre.short_side if pre is not None else cfg.short_side
-        if long_side is not None:
-            _check_int("long_side", long_side, 1)
-        elif mode != "single":
-            long_side = pre.long_side if pre is not None else cfg.long_side
-        crop = crop if crop is not None else (pre.crop if pre is not None and pre.crop else cfg.crop)
-        stride = (
-            stride if stride is not None else (pre.stride if pre is not None and pre.stride else cfg.stride)
-        )
-        scale = pre.logit_scale if pre is not None and pre.logit_scale is not None else cfg.logit_scale
-        area_thd = pre.area_thd if pre is not None and pre.area_thd is not None else cfg.area_thd
-        if self._default_params:  # the preset's per-dataset method parameters, explicit ones winning
+        return method_preset(self.method, pre) if pre is not None else None
+
+    def _configure_method(self, pre: Preset | None) -> None:
+        """The preset's per-dataset method parameters, explicit ones winning."""
+        if self._default_params:
             preset_params = dict(pre.params) if pre is not None else {}
             self.visual.configure(**{**self._default_params, **preset_params, **self._explicit_params})
-        _check_int("crop", crop, 1)
-        _check_int("stride", stride, 1)
 
+    def _predict_one(
+        self, image: Any, run: _Run, *, return_logits: bool, probs_path: Any, keep_probs: bool | None
+    ) -> SegmentationResult:
+        cfg = run.cfg
         source = Path(image) if isinstance(image, str | os.PathLike) else None
         rgb = io.load_image(image, max_pixels=cfg.max_pixels, exif_orientation=cfg.exif_orientation)
         h, w = rgb.shape[:2]
         nh, nw = check_input_size(
-            h, w, patch=self.visual.patch_size, short_side=short_side, long_side=long_side,
-            max_pixels=cfg.max_pixels, mode=mode, single_max_pixels=cfg.single_max_pixels,
+            h, w, patch=self.visual.patch_size, short_side=run.sides[0], long_side=run.sides[1],
+            max_pixels=cfg.max_pixels, mode=cfg.mode, single_max_pixels=cfg.single_max_pixels,
         )  # fmt: skip
-        below_label, has_background = _below_thd_label(spec, pre)
-        feats, qidx, _ = self.text_features(spec, progress=progress)
-        x = inference.preprocess(rgb, size=(nh, nw), device=self.device)
-        protect_paths = [source] if source is not None else []
-        result = self.predict_from_features(
-            x,
-            feats,
-            qidx,
-            ori_shape=(h, w),
-            mode=mode,
-            pamr_steps=cfg.pamr_steps if use_pamr else 0,
-            pamr_dilations=cfg.pamr_dilations,
-            prob_thd=thd,
-            num_classes=spec.num_classes,
-            class_names=list(spec.names),
-            crop=crop,
-            stride=stride,
-            logit_scale=scale,
-            area_thd=area_thd,
-            return_logits=return_logits,
-            below_thd_label=below_label,
-            probs_path=probs_path,
-            keep_probs=keep_probs,
-            protect=protect_paths,
-        )
-        result.image = rgb
-        result.source = source
+        below_label, has_background = _below_thd_label(run.spec, run.preset)
+        x = inference.resize_normalize(rgb, (nh, nw), device=self.device)
+        result = self._run(
+            x, run.feats, run.qidx, ori_shape=(h, w), cfg=cfg, num_classes=run.spec.num_classes,
+            names=list(run.spec.names), below_thd_label=below_label, return_logits=return_logits,
+            probs_path=probs_path, keep_probs=keep_probs, protect=[source] if source is not None else [],
+        )  # fmt: skip
+        result.image, result.source = rgb, source
         result.palette = io.label_palette(background=has_background)
         result.settings = {
             "model": self.model_id, "method": self.visual.strategy, "dtype": dtype_name(self.dtype),
             "gaussian_std": self.visual.gaussian_std,
-            "preset": pre.name if pre is not None else None, "mode": mode, "pamr": use_pamr, "prob_thd": thd,
-            "short_side": short_side, "long_side": long_side, "crop": crop, "stride": stride,
-            "logit_scale": cfg.logit_scale, "templates": len(cfg.templates), "below_thd_label": below_label,
+            "preset": run.preset.name if run.preset is not None else None, "mode": cfg.mode,
+            "pamr": cfg.pamr, "prob_thd": cfg.prob_thd, "short_side": run.sides[0], "long_side": run.sides[1],
+            "crop": cfg.crop, "stride": cfg.stride, "logit_scale": cfg.logit_scale,
+            "templates": len(cfg.templates), "below_thd_label": below_label,
         }  # fmt: skip
         return result
 
-    @torch.inference_mode()
     def predict_from_features(
         self,
         image: torch.Tensor,
@@ -745,14 +452,14 @@ class Segmenter:
         query_idx: torch.Tensor | Sequence[int],
         *,
         ori_shape: tuple[int, int] | None = None,
-        mode: str = "whole",
-        pamr_steps: int = 10,
-        pamr_dilations: Sequence[int] = (8, 16),
-        prob_thd: float = 0.0,
+        mode: str = _DEFAULTS.mode,
+        pamr_steps: int = _DEFAULTS.pamr_steps,
+        pamr_dilations: Sequence[int] = _DEFAULTS.pamr_dilations,
+        prob_thd: float = _DEFAULTS.prob_thd,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
-        crop: int = 224,
-        stride: int = 112,
+        crop: int = _DEFAULTS.crop,
+        stride: int = _DEFAULTS.stride,
         logit_scale: float | None = None,
         area_thd: float | None = None,
         return_logits: bool = False,
@@ -780,12 +487,11 @@ class Segmenter:
             below_thd_label: label of pixels below ``prob_thd`` (default 0, the official background class).
             probs_path, keep_probs: stream the probabilities to a ``.npy`` (never onto a ``protect`` path) /
                 keep them in the result (``None``: when ``4·C·oh·ow <= SegmentConfig.memory_budget``).
+
+        The defaults are those of :class:`SegmentConfig` (not of this Segmenter's config, except
+        ``logit_scale`` and ``memory_budget``).
         """
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[:2]) != (1, 3):
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"image: expected a normalised float tensor [1, 3, H, W], got {shape}")
-        if not image.is_floating_point():
-            raise TypeError(f"image: expected a normalised floating tensor, got dtype {image.dtype}")
+        inference.check_model_input(image)
         if not isinstance(query_features, torch.Tensor) or query_features.ndim != 2:
             raise ValueError(
                 "query_features: expected a [Q, D] tensor, "
@@ -796,51 +502,86 @@ class Segmenter:
                 f"query_features: expected D = {self.visual.output_dim} (the model's output dim), "
                 f"got {query_features.shape[1]}"
             )
-        if ori_shape is None:
-            ori_shape = (int(image.shape[2]), int(image.shape[3]))
-        thd = _check_prob_thd(prob_thd)
-        scale = self.config.logit_scale if logit_scale is None else float(logit_scale)
-        image = image.to(self.device)
-        logits = inference.infer_logits(
-            self.visual,
-            image,
-            query_features,
-            mode=mode,
-            crop=crop,
-            stride=stride,
-            memory_budget=self.config.memory_budget,
-            pad_crops=self.style.pad_crops,
-            whole_size=tuple(int(v) for v in ori_shape) if self.style.whole_to_output else None,
-        )
-        post = {"ori_shape": ori_shape, "num_classes": num_classes, "pamr_steps": pamr_steps}
-        post |= {"pamr_dilations": pamr_dilations, "prob_thd": thd, "logit_scale": scale}
-        post |= {"memory_budget": self.config.memory_budget, "keep_probs": keep_probs}
-        post |= {"below_thd_label": below_thd_label, "area_thd": area_thd}
-        post |= {"renormalize": self.style.renormalize}
+        shape = (int(image.shape[2]), int(image.shape[3])) if ori_shape is None else ori_shape
+        shape = inference.check_shape("ori_shape", shape)
+        cfg = self.config.resolve(
+            mode=mode, pamr=True, pamr_steps=pamr_steps,
+            pamr_dilations=tuple(pamr_dilations), prob_thd=prob_thd, crop=crop, stride=stride,
+            logit_scale=logit_scale,
+        )  # fmt: skip
+        cfg = dataclasses.replace(cfg, area_thd=area_thd)
+        qidx, n_cls = inference.check_query_idx(query_idx, query_features.shape[0], self.device, num_classes)
+        names = [f"class_{i}" for i in range(n_cls)] if class_names is None else [str(n) for n in class_names]
+        if len(names) != n_cls:
+            raise ValueError(f"class_names: expected {n_cls} names, got {len(names)}")
+        check_int("below_thd_label", below_thd_label, minimum=0)
+        check_bool("keep_probs", keep_probs, allow_none=True)
+        return self._run(
+            image.to(self.device), query_features, qidx, ori_shape=shape, cfg=cfg, num_classes=n_cls,
+            names=names, below_thd_label=below_thd_label, return_logits=return_logits, probs_path=probs_path,
+            keep_probs=keep_probs, protect=protect,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def _run(
+        self, x: torch.Tensor, feats: torch.Tensor, qidx: torch.Tensor, *, ori_shape: tuple[int, int],
+        cfg: SegmentConfig, num_classes: int, names: list[str], below_thd_label: int, return_logits: bool,
+        probs_path: Any, keep_probs: bool | None, protect: Iterable[os.PathLike | str],
+    ) -> SegmentationResult:  # fmt: skip
+        """The pipeline on checked inputs: logits (:func:`naclip.inference.run_logits`), then
+        post-processing (:func:`naclip.inference.run_postprocess`), streamed to ``probs_path`` if given."""
+        inference.check_crop(cfg.mode, cfg.crop, tuple(x.shape[-2:]), self.visual.patch_size)
+        logits = inference.run_logits(
+            self.visual, x, feats, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride,
+            memory_budget=cfg.memory_budget, pad_crops=self.style.pad_crops,
+            whole_size=ori_shape if self.style.whole_to_output else None,
+        )  # fmt: skip
+        oh, ow = ori_shape
+        post = inference.PostSettings(
+            query_idx=qidx.to(logits.device), ori_shape=(oh, ow), num_classes=num_classes,
+            pamr_steps=cfg.pamr_steps if cfg.pamr else 0, pamr_dilations=tuple(cfg.pamr_dilations),
+            prob_thd=cfg.prob_thd, logit_scale=float(cfg.logit_scale), below_thd_label=below_thd_label,
+            area_thd=cfg.area_thd, renormalize=self.style.renormalize, memory_budget=cfg.memory_budget,
+            keep_probs=4 * num_classes * oh * ow <= cfg.memory_budget if keep_probs is None else keep_probs,
+        )  # fmt: skip
         if probs_path is None:
-            labels, probs = inference.postprocess(logits, image, query_idx, **post)
+            labels, probs = inference.run_postprocess(logits, x, post)
         else:
-            n_out = int(num_classes) if num_classes is not None else int(torch.as_tensor(query_idx).max()) + 1
-            shape = (n_out, int(ori_shape[0]), int(ori_shape[1]))
-            # validate every argument on a 1x1 output before the .npy is created
-            inference.postprocess(logits[:, :, :1, :1], image, query_idx, **(post | {"ori_shape": (1, 1)}))
             out: list = []
 
             def fill(sink):
-                out.extend(inference.postprocess(logits, image, query_idx, probs_sink=sink, **post))
+                out.extend(inference.run_postprocess(logits, x, post, probs_sink=sink))
 
-            io.save_probs_streaming(probs_path, shape, fill, protect=protect)
+            io.save_probs_streaming(probs_path, (num_classes, oh, ow), fill, protect=protect)
             labels, probs = out
-        n_cls = int(num_classes) if num_classes is not None else int(torch.as_tensor(query_idx).max()) + 1
-        if class_names is None:
-            names = [f"class_{i}" for i in range(n_cls)]
-        else:
-            names = [str(n) for n in class_names]
-            if len(names) != n_cls:
-                raise ValueError(f"class_names: expected {n_cls} names, got {len(names)}")
         return SegmentationResult(
-            labels=labels,
-            probs=probs,
-            class_names=names,
-            logits=logits[0].cpu() if return_logits else None,
+            labels=labels, probs=probs, class_names=names, logits=logits[0].cpu() if return_logits else None
         )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What :meth:`Segmenter.predict` resolved once for all its images."""
+
+    spec: ClassSpec
+    preset: Preset | None
+    cfg: SegmentConfig
+    sides: tuple[int | None, int | None]
+    feats: torch.Tensor
+    qidx: torch.Tensor
+
+
+def _as_batch(image: Any, probs_path: Any) -> tuple[list[Any], list[Any]]:
+    """``(images, probs paths)``: a list of images as given (non-empty), one image as a list of one; a
+    list's ``probs_path`` must be ``None`` or one path per image."""
+    if not isinstance(image, list):
+        return [image], [probs_path]
+    if not image:
+        raise ValueError("image: expected an image or a non-empty list of images, got []")
+    if probs_path is None:
+        return image, [None] * len(image)
+    if not isinstance(probs_path, list | tuple) or len(probs_path) != len(image):
+        raise ValueError(
+            f"probs_path: expected one path per image ({len(image)}) for a list of images, got {probs_path!r}"
+        )
+    return image, list(probs_path)

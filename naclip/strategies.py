@@ -32,7 +32,6 @@ Registry: :data:`STRATEGIES` (name -> :class:`AttentionStrategy`), :func:`get_st
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ __all__ = [
     "ARCHS",
     "STRATEGIES",
     "AttentionStrategy",
+    "Term",
     "get_strategy",
     "nonly_bias_multiplier",
     "validate_config",
@@ -68,112 +68,73 @@ def nonly_bias_multiplier(q: Tensor, k: Tensor) -> Tensor:
     return (qn * kn).mean(dim=-1) * scale
 
 
-def _naclip(q, k, v, grid_hw, gaussian_std, backend):
+@dataclass(frozen=True)
+class Term:
+    """One attention term ``softmax(logits) V``, the strategy's output being the sum of its terms.
+
+    ``rows`` / ``cols``: which projections (``"q"`` or ``"k"``) give the logits ``scale * rows cols^T``;
+    ``gaussian``: add the Gaussian ``G`` (``std = gaussian_std``); ``neighbourhood_only``: the logits are
+    ``s_b * G`` alone (scale 0, ``s_b`` from :func:`nonly_bias_multiplier`, one kernel call per image).
+    """
+
+    rows: str
+    cols: str
+    gaussian: bool = False
+    neighbourhood_only: bool = False
+
+
+def _attend(a: Tensor, b: Tensor, v: Tensor | None, grid_hw: GridHW, std: float | None, backend, **extra):
+    """One term through the kernels: the output ``[B, H, T, D]`` (``v`` given) or, for ``v=None``, the
+    float32 attention matrix ``[B, H, T, T]`` of the dense reference."""
+    if v is None:
+        return naclip_kernels.reference_attention_probs(a, b, grid_hw, std, num_prefix_tokens=1, **extra)
     return naclip_kernels.gaussian_attention(
-        k, k, v, grid_hw, gaussian_std, num_prefix_tokens=1, backend=backend
+        a, b, v, grid_hw, std, num_prefix_tokens=1, backend=backend, **extra
     )
 
 
-def _kk(q, k, v, grid_hw, gaussian_std, backend):
-    return naclip_kernels.gaussian_attention(k, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
-
-
-def _vanilla(q, k, v, grid_hw, gaussian_std, backend):
-    return naclip_kernels.gaussian_attention(q, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
-
-
-def _csa(q, k, v, grid_hw, gaussian_std, backend):
-    # A_qq V + A_kk V == (A_qq + A_kk) V: the two rows-sum-to-1 attentions are added, not renormalised.
-    out_q = naclip_kernels.gaussian_attention(q, q, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
-    out_k = naclip_kernels.gaussian_attention(k, k, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
-    return out_q + out_k
-
-
-def _qq(q, k, v, grid_hw, gaussian_std, backend):
-    return naclip_kernels.gaussian_attention(q, q, v, grid_hw, None, num_prefix_tokens=1, backend=backend)
-
-
-def _nonly(q, k, v, grid_hw, gaussian_std, backend):
-    # Logits are 0 * (K K^T) + s_b * G: the kernel's plain path with scale 0 and bias_scale s_b. bias_scale is
-    # a Python float in the kernel API, so each image is its own call (views, no copies).
-    s = nonly_bias_multiplier(q, k).tolist()
-    outs = [
-        naclip_kernels.gaussian_attention(
-            k[b : b + 1],
-            k[b : b + 1],
-            v[b : b + 1],
-            grid_hw,
-            gaussian_std,
-            scale=0.0,
-            num_prefix_tokens=1,
-            bias_scale=s_b,
-            backend=backend,
-        )
-        for b, s_b in enumerate(s)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-
-
-def _probs_naclip(q, k, grid_hw, gaussian_std):
-    return naclip_kernels.reference_attention_probs(k, k, grid_hw, gaussian_std, num_prefix_tokens=1)
-
-
-def _probs_kk(q, k, grid_hw, gaussian_std):
-    return naclip_kernels.reference_attention_probs(k, k, grid_hw, None, num_prefix_tokens=1)
-
-
-def _probs_vanilla(q, k, grid_hw, gaussian_std):
-    return naclip_kernels.reference_attention_probs(q, k, grid_hw, None, num_prefix_tokens=1)
-
-
-def _probs_csa(q, k, grid_hw, gaussian_std):
-    return naclip_kernels.reference_attention_probs(
-        q, q, grid_hw, None, num_prefix_tokens=1
-    ) + naclip_kernels.reference_attention_probs(k, k, grid_hw, None, num_prefix_tokens=1)
-
-
-def _probs_qq(q, k, grid_hw, gaussian_std):
-    return naclip_kernels.reference_attention_probs(q, q, grid_hw, None, num_prefix_tokens=1)
-
-
-def _probs_nonly(q, k, grid_hw, gaussian_std):
-    s = nonly_bias_multiplier(q, k).tolist()
-    return torch.cat(
-        [
-            naclip_kernels.reference_attention_probs(
-                k[b : b + 1],
-                k[b : b + 1],
-                grid_hw,
-                gaussian_std,
-                scale=0.0,
-                num_prefix_tokens=1,
-                bias_scale=s_b,
-            )
-            for b, s_b in enumerate(s)
-        ],
-        dim=0,
-    )
+def _run_term(term: Term, q, k, v, grid_hw: GridHW, gaussian_std: float | None, backend) -> Tensor:
+    a, b = (q if term.rows == "q" else k), (q if term.cols == "q" else k)
+    std = gaussian_std if term.gaussian else None
+    if not term.neighbourhood_only:
+        return _attend(a, b, v, grid_hw, std, backend)
+    # Logits are 0 * (rows cols^T) + s_b * G: the kernel's plain path with scale 0 and bias_scale s_b.
+    # bias_scale is a Python float in the kernel API, so each image is its own call (views, no copies).
+    parts = [
+        _attend(a[i : i + 1], b[i : i + 1], None if v is None else v[i : i + 1], grid_hw, std, backend,
+                scale=0.0, bias_scale=s_b)
+        for i, s_b in enumerate(nonly_bias_multiplier(q, k).tolist())
+    ]  # fmt: skip
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 @dataclass(frozen=True)
 class AttentionStrategy:
-    """One entry of the registry.
+    """One entry of the registry: a name and its :class:`Term` s (data; one runner gives both the
+    forward and the attention matrix).
 
     ``strategy(q, k, v, grid_hw, gaussian_std, backend)`` -> ``[B, H, T, D]`` (see the module docstring for
-    the formula). ``q`` may be ``None`` when ``needs_query`` is false (the caller then skips the Q
-    projection). ``grid_hw = (gh, gw)`` with ``T == 1 + gh*gw``; ``gaussian_std`` is ignored when
-    ``uses_gaussian`` is false. ``backend`` is passed to :func:`naclip_kernels.gaussian_attention` (``None`` =
-    the global default). :meth:`probs` gives the float32 attention matrix ``[B, H, T, T]`` through the
-    kernels' dense reference (small ``T`` only; for fixtures and debugging).
+    the formula), the sum of the terms' outputs (``csa``: ``A_qq V + A_kk V``, not renormalised). ``q`` may
+    be ``None`` when ``needs_query`` is false (the caller then skips the Q projection). ``grid_hw = (gh,
+    gw)`` with ``T == 1 + gh*gw``; ``gaussian_std`` is ignored when ``uses_gaussian`` is false. ``backend``
+    is passed to :func:`naclip_kernels.gaussian_attention` (``None`` = the global default). :meth:`probs`
+    gives the float32 attention matrix ``[B, H, T, T]`` through the kernels' dense reference (small ``T``
+    only; for fixtures and debugging).
     """
 
     name: str
-    needs_query: bool
-    uses_gaussian: bool
-    required_arch: str | None
-    _fn: Callable[..., Tensor]
-    _probs: Callable[..., Tensor]
+    terms: tuple[Term, ...]
     description: str
+    required_arch: str | None = None
+
+    @property
+    def needs_query(self) -> bool:
+        """Whether ``q`` is used (by a term, or by the ``nonly`` multiplier)."""
+        return any("q" in (t.rows, t.cols) or t.neighbourhood_only for t in self.terms)
+
+    @property
+    def uses_gaussian(self) -> bool:
+        return any(t.gaussian for t in self.terms)
 
     def __call__(
         self,
@@ -184,48 +145,40 @@ class AttentionStrategy:
         gaussian_std: float | None,
         backend: str | None = None,
     ) -> Tensor:
-        if self.needs_query and q is None:
-            raise ValueError(f"strategy {self.name!r} needs the query projection q; got q=None")
-        return self._fn(q, k, v, tuple(grid_hw), gaussian_std if self.uses_gaussian else None, backend)
+        return self._run(q, k, v, grid_hw, gaussian_std, backend)
 
     def probs(self, q: Tensor | None, k: Tensor, grid_hw: GridHW, gaussian_std: float | None) -> Tensor:
+        return self._run(q, k, None, grid_hw, gaussian_std, None)
+
+    def _run(self, q, k, v, grid_hw, gaussian_std, backend) -> Tensor:
         if self.needs_query and q is None:
             raise ValueError(f"strategy {self.name!r} needs the query projection q; got q=None")
-        return self._probs(q, k, tuple(grid_hw), gaussian_std if self.uses_gaussian else None)
+        std = gaussian_std if self.uses_gaussian else None
+        outs = [_run_term(t, q, k, v, tuple(grid_hw), std, backend) for t in self.terms]
+        return outs[0] if len(outs) == 1 else sum(outs[1:], outs[0])
 
+
+_QQ, _KK, _QK = Term("q", "q"), Term("k", "k"), Term("q", "k")
 
 #: name -> strategy, in the order of the spec's table.
 STRATEGIES: dict[str, AttentionStrategy] = {
     s.name: s
     for s in (
-        AttentionStrategy(
-            "naclip", False, True, None, _naclip, _probs_naclip, "softmax(scale*K K^T + G) V (NACLIP)"
-        ),
+        AttentionStrategy("naclip", (Term("k", "k", gaussian=True),), "softmax(scale*K K^T + G) V (NACLIP)"),
         AttentionStrategy(
             "nonly",
-            True,
-            True,
-            None,
-            _nonly,
-            _probs_nonly,
+            (Term("k", "k", gaussian=True, neighbourhood_only=True),),
             "softmax(s*G) V, s per image (neighbourhood only)",
         ),
-        AttentionStrategy("kk", False, False, None, _kk, _probs_kk, "softmax(scale*K K^T) V (key-key only)"),
-        AttentionStrategy(
-            "vanilla", True, False, None, _vanilla, _probs_vanilla, "softmax(scale*Q K^T) V (plain CLIP)"
-        ),
+        AttentionStrategy("kk", (_KK,), "softmax(scale*K K^T) V (key-key only)"),
+        AttentionStrategy("vanilla", (_QK,), "softmax(scale*Q K^T) V (plain CLIP)"),
         AttentionStrategy(
             "csa",
-            True,
-            False,
-            "vanilla",
-            _csa,
-            _probs_csa,
+            (_QQ, _KK),
             "(softmax(scale*Q Q^T) + softmax(scale*K K^T)) V (SCLIP; arch='vanilla' only)",
+            required_arch="vanilla",
         ),
-        AttentionStrategy(
-            "qq", True, False, None, _qq, _probs_qq, "softmax(scale*Q Q^T) V (ClearCLIP, query-query)"
-        ),
+        AttentionStrategy("qq", (_QQ,), "softmax(scale*Q Q^T) V (ClearCLIP, query-query)"),
     )
 }
 

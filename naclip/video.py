@@ -94,11 +94,15 @@ def _batched_results(seg: Any, frames: list[np.ndarray], first: Any, spec: Any) 
         logits = inference.dense_logits(seg.visual, x, feats).float()
         results = []
         for i, f in enumerate(frames):
-            labels, probs = inference.postprocess(
-                logits[i : i + 1], x[i : i + 1], qidx, ori_shape=f.shape[:2], num_classes=len(names),
-                pamr_steps=cfg.pamr_steps if s["pamr"] else 0, pamr_dilations=cfg.pamr_dilations,
-                prob_thd=s["prob_thd"], logit_scale=s["logit_scale"], below_thd_label=s["below_thd_label"],
+            h, w = f.shape[:2]
+            post = inference.PostSettings(  # the settings predict checked on the first frame
+                query_idx=qidx.to(logits.device), ori_shape=(h, w), num_classes=len(names),
+                pamr_steps=cfg.pamr_steps if s["pamr"] else 0, pamr_dilations=tuple(cfg.pamr_dilations),
+                prob_thd=s["prob_thd"], logit_scale=float(s["logit_scale"]),
+                below_thd_label=s["below_thd_label"], area_thd=None, renormalize=True,
+                memory_budget=cfg.memory_budget, keep_probs=True,
             )  # fmt: skip
+            labels, probs = inference.run_postprocess(logits[i : i + 1], x[i : i + 1], post)
             results.append(
                 type(first)(labels=labels, probs=probs, class_names=names, image=f, palette=first.palette)
             )

@@ -158,6 +158,49 @@ def evaluate(
         on_prediction: called as ``on_prediction(item, labels)`` after each prediction, before the image is
             logged as done (e.g. to save the predicted label map).
     """
+    idx = _check_arguments(dataset, predictor, indices, log_dir, fingerprint, num_workers)
+    rank, world = distributed.rank_world()
+    t_start = time.perf_counter()
+    log_dir = Path(log_dir) if log_dir is not None else None
+    done, torn = _read_progress(log_dir, fingerprint)
+    resumed_idx = [i for i in idx if i in done]
+    prev_hist = records_to_hist(done, resumed_idx)
+    todo = [i for i in idx if i not in done]
+    if world > 1:
+        dist.barrier()  # every rank has read the logs before anyone appends
+    mine = todo[rank::world]
+    log = RecordLog(log_dir / f"rank{rank}.log", fingerprint) if log_dir is not None else None
+    bar = None
+    if progress and rank == 0:
+        bar = _progress_bar(len(mine), progress_desc or dataset.name, len(resumed_idx), len(idx))
+    loop = _Loop(predictor, on_prediction, log, bar, prev_hist, dataset.num_classes, world)
+    try:
+        loop.run(_loader(dataset, mine, num_workers))
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    processed, new_hist = len(mine), loop.hist
+    if world > 1:
+        new_hist = _all_reduce_sum(loop.hist)
+        counts = torch.tensor([processed], dtype=torch.int64)
+        processed = int(_all_reduce_sum(counts.reshape(1, 1)).item())
+    hist = prev_hist + new_hist
+    _cross_check_logs(log_dir, fingerprint, idx, hist, rank=rank, world=world)
+    return EvalOutcome(
+        hist=hist,
+        metrics=compute_metrics(hist, dataset.num_classes),
+        indices=tuple(idx),
+        resumed=len(resumed_idx),
+        processed=processed,
+        torn_bytes=torn,
+        timing=loop.timing(time.perf_counter() - t_start, len(mine)),
+    )
+
+
+def _check_arguments(dataset, predictor, indices, log_dir, fingerprint, num_workers) -> list[int]:
+    """:func:`evaluate`'s argument checks; returns the indices to evaluate."""
     if predictor is None and dataset.pred_paths is None:
         raise ValueError("predictor is None but the dataset has no pred_dir: nothing to score")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -171,28 +214,19 @@ def evaluate(
         raise ValueError("indices must not repeat")
     if log_dir is not None and fingerprint is None:
         raise ValueError("fingerprint is required when log_dir is given")
-    rank, world = distributed.rank_world()
-    t_start = time.perf_counter()
+    return idx
 
-    done: dict = {}
-    torn = 0
-    if log_dir is not None:
-        log_dir = Path(log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        done, torn = read_logs(list(log_dir.glob("rank*.log")), fingerprint)
-    selected = set(idx)
-    resumed_idx = [i for i in idx if i in done]
-    prev_hist = records_to_hist(done, resumed_idx)
-    todo = [i for i in idx if i not in done]
-    if world > 1:
-        dist.barrier()  # every rank has read the logs before anyone appends
-    mine = todo[rank::world]
 
-    log = RecordLog(log_dir / f"rank{rank}.log", fingerprint) if log_dir is not None else None
-    local = torch.zeros(HIST_SIZE, HIST_SIZE, dtype=torch.int64)
-    c = dataset.num_classes
-    t_data = t_pred = t_rec = 0.0
-    loader = DataLoader(
+def _read_progress(log_dir: Path | None, fingerprint: dict | None) -> tuple[dict, int]:
+    """``(records of the images already done, torn bytes)`` from ``log_dir`` (created if missing)."""
+    if log_dir is None:
+        return {}, 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return read_logs(list(log_dir.glob("rank*.log")), fingerprint)
+
+
+def _loader(dataset: EvalDataset, mine: list[int], num_workers: int) -> DataLoader:
+    return DataLoader(
         Subset(dataset, mine),
         batch_size=1,
         shuffle=False,
@@ -201,77 +235,99 @@ def evaluate(
         persistent_workers=False,
         worker_init_fn=_WorkerInit() if num_workers > 0 else None,
     )
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), desc=progress_desc or dataset.name, unit="img", dynamic_ncols=True)
-        if resumed_idx:
-            bar.write(f"resuming: {len(resumed_idx)} of {len(idx)} images already done", file=sys.stderr)
-    try:
+
+def _progress_bar(total: int, desc: str, resumed: int, selected: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    if resumed:
+        bar.write(f"resuming: {resumed} of {selected} images already done", file=sys.stderr)
+    return bar
+
+
+class _Loop:
+    """The per-image loop of :func:`evaluate`: predict (or read the stored prediction), histogram, log,
+    progress; accumulates this rank's histogram and the time spent waiting for data / predicting /
+    recording."""
+
+    def __init__(self, predictor, on_prediction, log, bar, prev_hist, num_classes, world) -> None:
+        self.predictor, self.on_prediction, self.log, self.bar = predictor, on_prediction, log, bar
+        self.prev_hist, self.num_classes, self.world = prev_hist, num_classes, world
+        self.hist = torch.zeros(HIST_SIZE, HIST_SIZE, dtype=torch.int64)
+        self.t_data = self.t_pred = self.t_rec = 0.0
+
+    def run(self, loader: DataLoader) -> None:
         t0 = time.perf_counter()
         for item in loader:
             t1 = time.perf_counter()
-            label = item["label"]
-            if predictor is None:
-                pred = torch.from_numpy(item["pred"])
-            else:
-                pred = _as_label_tensor(predictor(item["image"]), label.shape, item["id"])
-            if on_prediction is not None:
-                on_prediction(item, pred)
+            pred = self._predict(item)
             t2 = time.perf_counter()
-            h = joint_histogram(label, pred)
-            if log is not None:
-                log.append(item["index"], h)
-            local += h
+            self._record(item, pred)
             t3 = time.perf_counter()
-            t_data, t_pred, t_rec = t_data + (t1 - t0), t_pred + (t2 - t1), t_rec + (t3 - t2)
-            if bar is not None:
-                bar.update(1)
-                m = compute_metrics(prev_hist + local, c)
-                bar.set_postfix_str(
-                    f"mIoU {100 * m.miou:.2f}" + (f" (rank 0 of {world})" if world > 1 else "")
-                )
-            t0 = time.perf_counter()
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-    processed = len(mine)
-    new_hist = local
-    if world > 1:
-        new_hist = _all_reduce_sum(local)
-        counts = torch.tensor([processed], dtype=torch.int64)
-        processed = int(_all_reduce_sum(counts.reshape(1, 1)).item())
-    hist = prev_hist + new_hist
-    if log_dir is not None and rank == 0:
-        # Cross-check: the logs now hold exactly the selected images, and they sum to the same histogram.
-        if world > 1:
-            dist.barrier()
-        recs, _ = read_logs(list(log_dir.glob("rank*.log")), fingerprint)
-        missing = selected - recs.keys()
-        if missing or not torch.equal(records_to_hist(recs, idx), hist):
-            raise RuntimeError(
-                f"progress logs in {log_dir} disagree with the in-memory result "
-                f"({len(missing)} selected images not logged); the folder was modified during the run"
+            self.t_data, self.t_pred, self.t_rec = (
+                self.t_data + t1 - t0,
+                self.t_pred + t2 - t1,
+                self.t_rec + t3 - t2,
             )
-    elif log_dir is not None and world > 1:
+            self._show()
+            t0 = time.perf_counter()
+
+    def _predict(self, item: dict) -> torch.Tensor:
+        if self.predictor is None:
+            pred = torch.from_numpy(item["pred"])
+        else:
+            pred = _as_label_tensor(self.predictor(item["image"]), item["label"].shape, item["id"])
+        if self.on_prediction is not None:
+            self.on_prediction(item, pred)
+        return pred
+
+    def _record(self, item: dict, pred: torch.Tensor) -> None:
+        h = joint_histogram(item["label"], pred)
+        if self.log is not None:
+            self.log.append(item["index"], h)
+        self.hist += h
+
+    def _show(self) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        m = compute_metrics(self.prev_hist + self.hist, self.num_classes)
+        suffix = f" (rank 0 of {self.world})" if self.world > 1 else ""
+        self.bar.set_postfix_str(f"mIoU {100 * m.miou:.2f}" + suffix)
+
+    def timing(self, wall: float, count: int) -> dict:
+        busy = self.t_data + self.t_pred + self.t_rec
+        return {
+            "wall_s": wall,
+            "data_wait_s": self.t_data,
+            "predict_s": self.t_pred,
+            "record_s": self.t_rec,
+            "images_per_s": (count / busy) if count else None,
+        }
+
+
+def _cross_check_logs(
+    log_dir: Path | None,
+    fingerprint: dict | None,
+    idx: list[int],
+    hist: torch.Tensor,
+    *,
+    rank: int,
+    world: int,
+) -> None:
+    """Rank 0: the logs now hold exactly the selected images and sum to ``hist`` (``RuntimeError``
+    otherwise: the folder was modified during the run); every rank meets at the barrier first."""
+    if log_dir is None:
+        return
+    if world > 1:
         dist.barrier()
-    wall = time.perf_counter() - t_start
-    timing = {
-        "wall_s": wall,
-        "data_wait_s": t_data,
-        "predict_s": t_pred,
-        "record_s": t_rec,
-        "images_per_s": (len(mine) / (t_data + t_pred + t_rec)) if mine else None,
-    }
-    return EvalOutcome(
-        hist=hist,
-        metrics=compute_metrics(hist, c),
-        indices=tuple(idx),
-        resumed=len(resumed_idx),
-        processed=processed,
-        torn_bytes=torn,
-        timing=timing,
-    )
+    if rank != 0:
+        return
+    recs, _ = read_logs(list(log_dir.glob("rank*.log")), fingerprint)
+    missing = set(idx) - recs.keys()
+    if missing or not torch.equal(records_to_hist(recs, idx), hist):
+        raise RuntimeError(
+            f"progress logs in {log_dir} disagree with the in-memory result "
+            f"({len(missing)} selected images not logged); the folder was modified during the run"
+        )

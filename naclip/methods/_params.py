@@ -9,8 +9,9 @@ to itself; ViT-L/14 (24 blocks) doubles them. Explicit indices are always taken 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
+
+from naclip._validate import check_int, check_number, check_probability
 
 __all__ = [
     "REFERENCE_DEPTH",
@@ -41,17 +42,9 @@ def map_layer_range(start: int, stop: int, depth: int) -> tuple[int, ...]:
     return tuple(range(a, b))
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def check_index(name: str, value: object, count: int) -> int:
     """An int in ``[0, count)``; ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
-    if not _is_int(value):
-        raise TypeError(f"{name}: expected an int in [0, {count}), got {type(value).__name__} {value!r}")
-    if not 0 <= int(value) < count:
-        raise ValueError(f"{name}: expected an int in [0, {count}), got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum=0, maximum=count - 1, expected=f"an int in [0, {count})")
 
 
 def check_layers(name: str, value: object, count: int) -> tuple[int, ...]:
@@ -64,22 +57,13 @@ def check_layers(name: str, value: object, count: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+#: the shared validators under the names this package has always used
+check_fraction = check_probability
+
+
 def check_positive(name: str, value: object) -> float:
     """A finite real ``> 0`` -> float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_fraction(name: str, value: object) -> float:
-    """A real in ``[0, 1]`` -> float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
+    return check_number(name, value, positive=True)
 
 
 def check_pair(name: str, value: object) -> tuple[float, float]:

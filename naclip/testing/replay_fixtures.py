@@ -35,22 +35,24 @@ manifest's fp32 tolerance (``|actual - expected| <= atol + rtol * |expected|``; 
 or raises (the error message is reported and the remaining cases still run), 2 for a missing or invalid
 directory.
 
-Programmatic use: :func:`replay` returns one :class:`CaseResult` per case.
+Programmatic use: :func:`replay` returns one :class:`CaseResult` per case. The fixtures format (manifest,
+tensors, comparison) lives in :mod:`naclip.testing.fixtures`, the NACLIP case kinds in
+:mod:`naclip.testing.cases`. With ``--backend triton`` on a CPU without ``TRITON_INTERPRET=1`` the command
+starts itself again with it set (torch imports triton at start-up, so it cannot be set later; see
+``docs/package-layout.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
-import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from naclip.testing.fixtures import CaseResult, Comparator, FixturesError, fp32_tolerance, load_manifest
 
 __all__ = [
     "BACKENDS",
@@ -73,354 +75,6 @@ CASE_KINDS = (
     "pamr",
 )
 BACKENDS = ("reference", "torch", "triton")
-_DEFAULT_TOL = 1e-4
-_LABEL_OUTPUTS = frozenset({"pred", "patch_logit_temp", "outlier_indices"})
-
-
-class FixturesError(ValueError):
-    """The fixtures directory is missing, or its manifest / tensor files are unreadable or malformed."""
-
-
-@dataclass
-class CaseResult:
-    """Outcome of one fixture case.
-
-    ``diffs`` maps each compared output name to its max abs difference; ``mismatched`` maps label outputs
-    (``pred``) to their number of differing pixels. ``error`` is set (and ``passed`` is False) when the case
-    raised; ``failures`` names the outputs outside the tolerance.
-    """
-
-    case_id: str
-    kind: str
-    passed: bool
-    max_abs_diff: float = 0.0
-    diffs: dict[str, float] = field(default_factory=dict)
-    mismatched: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    def line(self) -> str:
-        """One human-readable report line."""
-        status = "ok  " if self.passed else "FAIL"
-        if self.error is not None:
-            return f"{status} {self.case_id}  ERROR {self.error}"
-        parts = [f"max abs diff {self.max_abs_diff:.3g}"]
-        parts += [f"{name} mismatched pixels {n}" for name, n in self.mismatched.items()]
-        if self.failures:
-            parts.append("exceeds tolerance: " + ", ".join(self.failures))
-        return f"{status} {self.case_id}  " + "; ".join(parts)
-
-
-# --------------------------------------------------------------------------------------------- manifest I/O
-
-
-def load_manifest(fixtures_dir: str | os.PathLike) -> dict:
-    """Read and sanity-check ``DIR/manifest.json``; raises :class:`FixturesError` with the reason."""
-    d = Path(fixtures_dir)
-    if not d.exists():
-        raise FixturesError(f"fixtures directory {str(d)!r} does not exist")
-    if not d.is_dir():
-        raise FixturesError(f"fixtures path {str(d)!r} is not a directory")
-    mpath = d / "manifest.json"
-    if not mpath.is_file():
-        raise FixturesError(f"fixtures directory {str(d)!r} has no manifest.json")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FixturesError(f"cannot read {str(mpath)!r}: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
-        raise FixturesError(
-            f"{str(mpath)!r} is not a fixtures manifest (expected an object with a 'cases' list)"
-        )
-    for i, case in enumerate(manifest["cases"]):
-        if not isinstance(case, dict) or not {"kind", "id", "file"} <= case.keys():
-            raise FixturesError(f"{str(mpath)!r}: case #{i} lacks one of the fields 'kind', 'id', 'file'")
-    return manifest
-
-
-def _fp32_tolerance(manifest: dict) -> tuple[float, float]:
-    """(atol, rtol) of the manifest's fp32 recommendation (default 1e-4 / 1e-4)."""
-    tol = manifest.get("tolerances", {})
-    rec = {**tol.get("recommended", {}), **{k: v for k, v in tol.items() if k.lower().startswith("fp32")}}
-    for key, val in rec.items():
-        if key.lower().startswith("fp32") and isinstance(val, dict) and "atol" in val:
-            return float(val["atol"]), float(val.get("rtol", val["atol"]))
-    return _DEFAULT_TOL, _DEFAULT_TOL
-
-
-class _Tensors:
-    """Lazily loaded safetensors files of one fixtures directory."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._files: dict[str, dict] = {}
-
-    def file(self, name: str) -> dict:
-        if name not in self._files:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            path = self.root / name
-            if not path.is_file():
-                raise FixturesError(f"tensor file {str(path)!r} named by the manifest does not exist")
-            try:
-                self._files[name] = load_file(str(path))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise FixturesError(f"cannot read tensor file {str(path)!r}: {exc}") from exc
-        return self._files[name]
-
-    def get(self, file: str, ref: str, batch: int | None = None):
-        """Tensor ``ref`` of ``file``; a ref with a suffix (``"key [first 1 of batch]"``) keeps ``batch``
-        items (everything after the first space is the suffix)."""
-        key, _, suffix = ref.partition(" ")
-        tensors = self.file(file)
-        if key not in tensors:
-            raise FixturesError(f"tensor {key!r} is not in {file!r}")
-        t = tensors[key]
-        if suffix.startswith("[batch ") and suffix.endswith("]"):  # "[batch a:b]": images a .. b-1
-            start, _, stop = suffix[len("[batch ") : -1].partition(":")
-            try:
-                return t[int(start) : int(stop)]
-            except ValueError:
-                raise FixturesError(f"input ref {ref!r}: cannot parse the batch range") from None
-        if suffix:
-            if batch is None:
-                raise FixturesError(f"input ref {ref!r} has a batch suffix but its case has no 'batch' field")
-            t = t[:batch]
-        return t
-
-
-# ---------------------------------------------------------------------------------------------- comparison
-
-
-class _Comparator:
-    def __init__(self, atol: float, rtol: float):
-        self.atol, self.rtol = atol, rtol
-
-    def compare(self, result: CaseResult, name: str, actual, expected) -> None:
-        import torch
-
-        actual = torch.as_tensor(actual).detach().cpu()
-        expected = expected.detach().cpu()
-        if name in _LABEL_OUTPUTS:
-            actual = actual.reshape(-1, *actual.shape[-2:]) if actual.dim() >= 2 else actual
-            expected = expected.reshape(-1, *expected.shape[-2:]) if expected.dim() >= 2 else expected
-        if tuple(actual.shape) != tuple(expected.shape):
-            result.failures.append(f"{name} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-            result.diffs[name] = math.inf
-            return
-        if name in _LABEL_OUTPUTS:
-            n = int((actual.to(torch.int64) != expected.to(torch.int64)).sum())
-            result.mismatched[name] = n
-            if n:
-                result.failures.append(name)
-            return
-        a, e = actual.to(torch.float64), expected.to(torch.float64)
-        if not torch.isfinite(a).all():
-            result.diffs[name] = math.inf
-            result.failures.append(f"{name} (non-finite values)")
-            return
-        err = (a - e).abs()
-        diff = float(err.max()) if err.numel() else 0.0
-        result.diffs[name] = diff
-        if bool((err > self.atol + self.rtol * e.abs()).any()):
-            result.failures.append(name)
-
-
-# ----------------------------------------------------------------------------------------------- the cases
-
-
-class _Runner:
-    """Holds the fixtures, the tiny model (built once) and the per-kind case functions."""
-
-    def __init__(self, root: Path, manifest: dict, backend: str, device: str):
-        import torch
-
-        self.torch = torch
-        self.root = root
-        self.manifest = manifest
-        self.backend = backend
-        self.device = torch.device(device)
-        self.tensors = _Tensors(root)
-        from naclip.inference import CLIP_MEAN, CLIP_STD
-
-        conv = manifest.get("conventions", {}).get("image_normalisation", {})
-        if not isinstance(conv, dict):  # the add-on manifests state it in words ("identical to ...")
-            conv = {}
-        for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
-            theirs = conv.get(key, ours)
-            same = len(theirs) == len(ours) and torch.equal(
-                torch.tensor(theirs, dtype=torch.float32), torch.tensor(ours, dtype=torch.float32)
-            )
-            if not same:
-                raise FixturesError(
-                    f"manifest conventions.image_normalisation.{key}: expected naclip.inference.CLIP_"
-                    f"{key.upper()} = {list(ours)} (float32), got {theirs!r}"
-                )
-        self._visual = None
-        from naclip.testing.replay_methods import adapter_for
-
-        self.adapter = adapter_for(manifest)
-
-    def run(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        """Run one case: the method adapter's function for this kind, else NACLIP's."""
-        kind = case["kind"]
-        if self.adapter is not None:
-            if kind not in self.adapter:
-                raise FixturesError(f"case kind {kind!r} is not supported for this method")
-            return self.adapter[kind](self, case, emit)
-        if kind == "dense_forward_raises":
-            raise FixturesError("dense_forward_raises cases exist only for add-on methods")
-        return getattr(self, kind)(case, emit)
-
-    # -- shared helpers
-
-    def normalise(self, u8):
-        """uint8 RGB ``[B,3,H,W]`` -> float32 ``(x - CLIP_MEAN) / CLIP_STD``
-        (:func:`naclip.inference.normalize`; the manifest's conventions were checked to hold these values)."""
-        from naclip.inference import normalize
-
-        if u8.dim() != 4 or u8.shape[1] != 3:
-            raise FixturesError(f"expected a uint8 image [B, 3, H, W], got shape {tuple(u8.shape)}")
-        return normalize(u8.to(self.torch.float32)).to(self.device)
-
-    def visual(self):
-        """The open_clip VisionTransformer built from the manifest's model block (built once)."""
-        if self._visual is None:
-            from naclip.testing.tiny import build_visual_from_manifest
-
-            if "model" not in self.manifest:
-                raise FixturesError("manifest has no 'model' block; cannot build the tiny ViT")
-            weights = self.tensors.file(str(self.manifest.get("weights", "weights.safetensors")))
-            self._visual = build_visual_from_manifest(self.manifest["model"], weights).to(self.device).eval()
-        return self._visual
-
-    def naclip_visual(self, case: dict):
-        from naclip.model import NaclipVisual
-
-        kw: dict[str, Any] = {
-            "arch": case.get("arch", "reduced"),
-            "strategy": case.get("attn_strategy", "naclip"),
-        }
-        if case.get("gaussian_std") is not None:
-            kw["gaussian_std"] = float(case["gaussian_std"])
-        return NaclipVisual(self.visual(), backend=self.backend, **kw)
-
-    def inp(self, case: dict, name: str):
-        return self.tensors.get(case["file"], case["inputs"][name], case.get("batch"))
-
-    def out(self, case: dict, name: str):
-        return self.tensors.get(case["file"], case["outputs"][name])
-
-    # -- kinds
-
-    def dense_forward(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        torch = self.torch
-        nv = self.naclip_visual(case)
-        images = self.normalise(self.inp(case, "image"))
-        outputs = case["outputs"]
-        with torch.no_grad():
-            emit("dense", nv(images))
-            if "last_block_in" in outputs or "pre_ln_post" in outputs:
-                x_in = nv.last_block_input(images)
-                if "last_block_in" in outputs:
-                    emit("last_block_in", x_in)
-                if "pre_ln_post" in outputs:
-                    emit("pre_ln_post", nv.forward_last_block(x_in, tuple(case["grid_hw"])))
-
-    def pos_embed(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        gh, gw = case["grid_hw"]
-        nv = self.naclip_visual(case)
-        with self.torch.no_grad():
-            pe = nv.interpolate_pos_embed(int(gh), int(gw))
-        emit("pos_embed", pe.reshape(1, -1, pe.shape[-1]))
-
-    def gaussian_bias(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        import naclip_kernels
-
-        grid = tuple(int(g) for g in case["grid_hw"])
-        emit("addition", naclip_kernels.gaussian_bias(grid, float(case["gaussian_std"]), num_prefix_tokens=1))
-
-    def kernel(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        import torch.nn.functional as F
-
-        from naclip import strategies
-
-        torch = self.torch
-        x = self.inp(case, "x").to(self.device)
-        w_in = self.inp(case, "in_proj_weight").to(self.device)
-        b_in = self.inp(case, "in_proj_bias").to(self.device)
-        heads = int(case["num_heads"])
-        B, T, E = x.shape
-        if E % heads:
-            raise FixturesError(f"embed dim {E} is not divisible by num_heads {heads}")
-        d = E // heads
-        grid = tuple(int(g) for g in case["grid_hw"])
-        if 1 + grid[0] * grid[1] != T:
-            raise FixturesError(f"grid {grid} does not match {T} tokens (1 + gh*gw)")
-        std = case.get("gaussian_std")
-        name = case["attn_strategy"]
-        # [B, T, 3E] -> three [B, H, T, d] strided views (no copies)
-        q, k, v = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in F.linear(x, w_in, b_in).chunk(3, -1))
-        with torch.no_grad():
-            strategy = strategies.get_strategy(name)
-            attn = strategy(q, k, v, grid, std, self.backend)
-            out_pre = attn.transpose(1, 2).reshape(B, T, E)
-            emit("out_pre_proj", out_pre)
-            if "out" in case["outputs"]:
-                w_out = self.inp(case, "out_proj_weight").to(self.device)
-                b_out = self.inp(case, "out_proj_bias").to(self.device)
-                emit("out", F.linear(out_pre, w_out, b_out))
-            if "attn_probs" in case["outputs"]:
-                # the float32 softmax matrix from naclip_kernels.reference_attention_probs, per the strategy
-                emit("attn_probs", strategy.probs(q, k, grid, std))
-            if "nonly_bias_multiplier" in case:
-                emit("nonly_bias_multiplier", strategies.nonly_bias_multiplier(q, k)[:1])
-
-    def pipeline(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        from naclip.segmenter import Segmenter
-
-        torch = self.torch
-        kw: dict[str, Any] = {
-            "method": case.get("attn_strategy", "naclip"),
-            "arch": case.get("arch", "reduced"),
-        }
-        if case.get("gaussian_std") is not None:
-            kw["gaussian_std"] = float(case["gaussian_std"])
-        seg = Segmenter(self.visual(), None, backend=self.backend, **kw)  # a bare image tower: features only
-        image = self.normalise(self.inp(case, "image"))
-        feats = self.inp(case, "query_features").to(self.device)
-        qidx = self.inp(case, "query_idx").to(torch.int64)
-        crop = int(case.get("slide_crop", 0) or 0)
-        opts: dict[str, Any] = {
-            "ori_shape": tuple(int(s) for s in case["ori_shape"]),
-            "mode": "slide" if crop > 0 else "whole",
-            "pamr_steps": int(case.get("pamr_steps", 0)),
-            "pamr_dilations": tuple(int(d) for d in case.get("pamr_dilations", (8, 16))),
-            "prob_thd": float(case.get("prob_thd", 0.0)),
-            "return_logits": True,
-        }
-        if "num_classes" in case:
-            opts["num_classes"] = int(case["num_classes"])
-        if "logit_scale" in case:
-            opts["logit_scale"] = float(case["logit_scale"])
-        if crop > 0:
-            opts["crop"] = crop
-            opts["stride"] = int(case.get("slide_stride", crop // 2))
-        with torch.no_grad():
-            res = seg.predict_from_features(image, feats, qidx, **opts)
-        emit("seg_probs", res.probs)
-        emit("pred", res.labels)
-        emit("slide_logits", res.logits[None])  # [Q, H, W] -> [1, Q, H, W]
-
-    def pamr(self, case: dict, emit: Callable[[str, Any], None]) -> None:
-        from naclip.pamr import pamr
-
-        image = self.inp(case, "image").to(self.device)
-        mask = self.inp(case, "mask").to(self.device)
-        with self.torch.no_grad():
-            out = pamr(image, mask, num_iter=int(case["num_iter"]), dilations=tuple(case["dilations"]))
-        emit("out", out)
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -462,6 +116,30 @@ def replay(
         raise ValueError(f"kinds must be among {', '.join(CASE_KINDS)}; got unknown {unknown}")
     root = Path(fixtures_dir)
     manifest = load_manifest(root)
+    cases = _select(root, manifest, wanted, match)
+
+    import torch
+
+    from naclip.testing.cases import Runner
+
+    cmp = Comparator(*fp32_tolerance(manifest))
+    runner = Runner(root, manifest, backend, device)
+    results: list[CaseResult] = []
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for case in cases:
+            results.append(_run_case(runner, cmp, case))
+            if on_result is not None:
+                on_result(results[-1])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return results
+
+
+def _select(root: Path, manifest: dict, wanted: tuple[str, ...], match: str | None) -> list[dict]:
+    """The manifest's cases of the ``wanted`` kinds whose ids match the glob ``match``."""
     cases = [
         c
         for c in manifest["cases"]
@@ -475,48 +153,36 @@ def replay(
     unsupported = sorted({c["kind"] for c in cases} - set(CASE_KINDS))
     if unsupported:
         raise FixturesError(f"manifest has case kinds this replay does not know: {unsupported}")
+    return cases
 
+
+def _run_case(runner, cmp: Comparator, case: dict) -> CaseResult:
+    """One case: every output the runner emits is compared with its stored (or manifest) value; an
+    output stored but not computed, or an exception, fails the case."""
     import torch
 
-    atol, rtol = _fp32_tolerance(manifest)
-    cmp = _Comparator(atol, rtol)
-    runner = _Runner(root, manifest, backend, device)
-    results: list[CaseResult] = []
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    res = CaseResult(case_id=case["id"], kind=case["kind"], passed=False)
+    expected = dict(case.get("outputs", {}))
+
+    def emit(name: str, actual) -> None:
+        if name == "nonly_bias_multiplier":
+            cmp.compare(res, name, actual, torch.tensor([float(case[name])], dtype=torch.float64))
+        elif name not in expected and isinstance(case.get(name), list):  # expected value in the manifest
+            cmp.compare(res, name, actual, torch.tensor(case[name]))
+        elif name in expected:
+            cmp.compare(res, name, actual, runner.out(case, name))
+            expected.pop(name)
+
     try:
-        for case in cases:
-            res = CaseResult(case_id=case["id"], kind=case["kind"], passed=False)
-            expected_outputs = dict(case.get("outputs", {}))
-
-            def emit(name: str, actual, _case=case, _res=res, _exp=expected_outputs) -> None:
-                if name == "nonly_bias_multiplier":
-                    cmp.compare(_res, name, actual, torch.tensor([float(_case[name])], dtype=torch.float64))
-                    return
-                if name not in _exp and isinstance(_case.get(name), list):  # expected value in the manifest
-                    cmp.compare(_res, name, actual, torch.tensor(_case[name]))
-                    return
-                if name not in _exp:
-                    return
-                cmp.compare(_res, name, actual, runner.out(_case, name))
-                _exp.pop(name)
-
-            try:
-                runner.run(case, emit)
-                res.max_abs_diff = max(res.diffs.values(), default=0.0)
-                if expected_outputs:  # every stored output must be checked
-                    res.failures.append("not computed: " + ", ".join(expected_outputs))
-                res.passed = not res.failures
-            except Exception as exc:  # noqa: BLE001 - every case error is reported, the run continues
-                res.error = _describe(exc)
-                res.passed = False
-            results.append(res)
-            if on_result is not None:
-                on_result(res)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return results
+        runner.run(case, emit)
+        res.max_abs_diff = max(res.diffs.values(), default=0.0)
+        if expected:  # every stored output must be checked
+            res.failures.append("not computed: " + ", ".join(expected))
+        res.passed = not res.failures
+    except Exception as exc:  # noqa: BLE001 - every case error is reported, the run continues
+        res.error = _describe(exc)
+        res.passed = False
+    return res
 
 
 def _describe(exc: BaseException) -> str:

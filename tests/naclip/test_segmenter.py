@@ -108,18 +108,18 @@ def test_predict_matches_manual_pipeline(seg):
 def test_preset_settings_are_used(tok, monkeypatch):
     seg = Segmenter(tiny_clip(), tok, config=SegmentConfig(templates=("a photo of a {c}.",)))  # fast text
     seen = {}
-    real_infer, real_post = inf.infer_logits, inf.postprocess
+    real_infer, real_post = inf.run_logits, inf.run_postprocess  # predict's (unvalidated) internal steps
 
     def spy_infer(visual, image, text, **kw):
         seen["mode"], seen["hw"], seen["q"] = kw["mode"], tuple(image.shape[-2:]), text.shape[0]
         return real_infer(visual, image, text, **kw)
 
-    def spy_post(logits, image, qidx, **kw):
-        seen["prob_thd"], seen["pamr_steps"] = kw["prob_thd"], kw["pamr_steps"]
-        return real_post(logits, image, qidx, **kw)
+    def spy_post(logits, image, settings, **kw):
+        seen["prob_thd"], seen["pamr_steps"] = settings.prob_thd, settings.pamr_steps
+        return real_post(logits, image, settings, **kw)
 
-    monkeypatch.setattr(inf, "infer_logits", spy_infer)
-    monkeypatch.setattr(inf, "postprocess", spy_post)
+    monkeypatch.setattr(inf, "run_logits", spy_infer)
+    monkeypatch.setattr(inf, "run_postprocess", spy_post)
     res = seg.predict(_image(40, 50), preset="voc21", pamr=False)
     assert seen == {"mode": "whole", "hw": (336, 420), "q": 56, "prob_thd": 0.1, "pamr_steps": 0}
     assert res.class_names == list(naclip.get_preset("voc21").class_names)
