@@ -22,7 +22,6 @@ BEING_REORGANISED = (
     "naclip/strategies.py",
     "naclip/eval/runner.py",
     "naclip/testing/*",
-    "naclip/collection.py",
 )
 
 
