@@ -134,6 +134,27 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _image_tower(clip_model: Any) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """``(visual, clip_model or None)`` for a full open_clip CLIP or its bare ViT image tower; TypeError
+    for anything else."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(clip_model, torch.nn.Module):
+        raise TypeError(f"clip_model: expected an open_clip CLIP model, got {type(clip_model).__name__}")
+    if isinstance(clip_model, VisionTransformer):
+        return clip_model, None
+    visual = getattr(clip_model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(
+            "clip_model: expected an open_clip CLIP with a ViT image tower (model.visual an "
+            f"open_clip VisionTransformer), got {type(clip_model).__name__} "
+            f"with visual={type(visual).__name__}"
+        )
+    if not callable(getattr(clip_model, "encode_text", None)):
+        raise TypeError(f"clip_model: {type(clip_model).__name__} has no encode_text method")
+    return visual, clip_model
+
+
 class Segmenter:
     """NACLIP open-vocabulary semantic segmentation on an open_clip CLIP ViT.
 
@@ -182,25 +203,9 @@ class Segmenter:
         model_id: str | None = None,
         text_cache: str | os.PathLike | bool | None = None,
     ) -> None:
-        from open_clip.transformer import VisionTransformer
-
         from naclip.methods import METHODS, build_visual, method_config
 
-        if not isinstance(clip_model, torch.nn.Module):
-            raise TypeError(f"clip_model: expected an open_clip CLIP model, got {type(clip_model).__name__}")
-        if isinstance(clip_model, VisionTransformer):
-            visual, self.clip_model = clip_model, None
-        else:
-            visual = getattr(clip_model, "visual", None)
-            if not isinstance(visual, VisionTransformer):
-                raise TypeError(
-                    "clip_model: expected an open_clip CLIP with a ViT image tower (model.visual an "
-                    f"open_clip VisionTransformer), got {type(clip_model).__name__} "
-                    f"with visual={type(visual).__name__}"
-                )
-            if not callable(getattr(clip_model, "encode_text", None)):
-                raise TypeError(f"clip_model: {type(clip_model).__name__} has no encode_text method")
-            self.clip_model = clip_model
+        visual, self.clip_model = _image_tower(clip_model)
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(
                 f"tokenizer: expected a callable open_clip tokenizer, got {type(tokenizer).__name__}"

@@ -1,8 +1,7 @@
 """No function in ``naclip`` is longer than :data:`MAX_LINES` lines of code, read with ``ast``.
 
 A function's length runs from its first decorator (or ``def``) to its last line, minus its docstring; nested
-functions count inside their parent too. :data:`BEING_REORGANISED` lists the files other engineers are
-reorganising right now; the integrator shrinks it as their branches land.
+functions count inside their parent too. No file is exempt.
 """
 
 from __future__ import annotations
@@ -14,15 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 60
-
-#: Files (globs relative to the repository root) exempt until their reorganisation lands.
-BEING_REORGANISED = (
-    "naclip/segmenter.py",
-    "naclip/inference.py",
-    "naclip/strategies.py",
-    "naclip/eval/runner.py",
-    "naclip/testing/*",
-)
 
 
 def function_lengths(source: str) -> list[tuple[str, int, int]]:
@@ -48,11 +38,6 @@ def function_lengths(source: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _exempt(path: Path) -> bool:
-    rel = path.relative_to(ROOT)
-    return any(rel.match(pattern) for pattern in BEING_REORGANISED)
-
-
 def _body(n: int) -> str:
     return "".join(f"    x{i} = {i}\n" for i in range(n))
 
@@ -71,14 +56,8 @@ def test_function_lengths(source: str, expected: list[tuple[str, int, int]]) -> 
     assert function_lengths(source) == expected
 
 
-def test_exemptions_name_existing_or_planned_files() -> None:
-    exempt = [p for p in (ROOT / "naclip").rglob("*.py") if _exempt(p)]
-    assert {str(p.relative_to(ROOT)) for p in exempt} >= {"naclip/segmenter.py", "naclip/inference.py"}
-    assert not any(_exempt(p) for p in (ROOT / "naclip" / "cli").rglob("*.py"))
-
-
 def test_no_function_in_naclip_is_longer_than_the_limit() -> None:
-    files = sorted(p for p in (ROOT / "naclip").rglob("*.py") if not _exempt(p))
+    files = sorted((ROOT / "naclip").rglob("*.py"))
     assert any(p.parent.name == "cli" for p in files)  # the package was found
     too_long = [
         f"{p.relative_to(ROOT)}:{line} {name} ({length} lines)"
