@@ -43,15 +43,9 @@ from naclip.cli._benchmark import (
 from naclip.cli._loader import load_segmenter, register_model_config
 from naclip.segmenter import dtype_name, resolve_dtype
 
-#: The paper's fixed settings (spec §3); per-dataset ones come from the preset.
-PAPER_SETTINGS = {
-    "model": "ViT-B-16",
-    "pretrained": "openai",
-    "method": "naclip",
-    "crop": 224,
-    "stride": 112,
-    "gaussian_std": 5.0,
-}
+#: The paper's fixed model and method (spec §3); its crop / stride / Gaussian std are the library defaults
+#: (:class:`naclip.config.SegmentConfig`), per-dataset settings come from the preset.
+PAPER_SETTINGS = {"model": "ViT-B-16", "pretrained": "openai", "method": "naclip"}
 
 EVAL_DESCRIPTION = (
     "Evaluate NACLIP on a benchmark split with mmseg's IoU protocol and write results.json, results.md and "
@@ -109,47 +103,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def resolve_settings(args, preset) -> dict:
-    """Effective settings (explicit flags > paper / the method's preset > library defaults); ``UserError`` on
-    conflicts with ``--paper``."""
+    """Effective settings (explicit flags > paper / the method's preset > library defaults), merged by
+    :meth:`naclip.config.SegmentConfig.resolve`; ``UserError`` on conflicts with ``--paper`` or bad values."""
+    from naclip.config import SegmentConfig
     from naclip.methods import method_preset
 
     method = args.method or PAPER_SETTINGS["method"]
     preset = method_preset(method, preset)  # the method's official per-dataset settings
-    crop = preset.crop or PAPER_SETTINGS["crop"]
-    stride = preset.stride or PAPER_SETTINGS["stride"]
-    pamr = preset.pamr if args.pamr is None else args.pamr
+    base = SegmentConfig().resolve(preset)  # what --paper pins
+    flags = {"mode": args.mode, "pamr": args.pamr, "prob_thd": args.prob_thd, "short_side": args.short_side}
+    flags.update(crop=args.crop, stride=args.stride, gaussian_std=args.gaussian_std)
+    try:
+        cfg = base.resolve(**flags)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
     s = {
         "model": args.model or PAPER_SETTINGS["model"],
         "pretrained": args.pretrained or PAPER_SETTINGS["pretrained"],
         "checkpoint": args.checkpoint,
         "method": method,
-        "mode": args.mode or preset.mode,
-        "pamr": bool(pamr),
-        "prob_thd": preset.prob_thd if args.prob_thd is None else args.prob_thd,
-        "short_side": args.short_side or preset.short_side,
-        "crop": args.crop or crop,
-        "stride": args.stride or stride,
-        "gaussian_std": PAPER_SETTINGS["gaussian_std"] if args.gaussian_std is None else args.gaussian_std,
+        **{k: getattr(cfg, k) for k in ("mode", "pamr", "prob_thd", "short_side", "crop", "stride")},
+        "gaussian_std": cfg.gaussian_std,
         "preset": preset.name,
     }
     if args.templates is not None:  # only then: the fingerprint of a default run stays as it was
         s["templates"] = _templates_setting(args.templates)
     if args.paper:
-        _check_paper(args, preset, crop=crop, stride=stride)
+        _check_paper(args, base)
     return s
 
 
-def _check_paper(args, preset, *, crop: int, stride: int) -> None:
-    """``UserError`` listing the flags that ``--paper`` fixes and that were given another value."""
+def _check_paper(args, paper) -> None:
+    """``UserError`` listing the flags that ``--paper`` fixes (``paper``: the preset's
+    :class:`~naclip.config.SegmentConfig`) and that were given another value."""
     fixed = {
         "--model": (args.model, PAPER_SETTINGS["model"]),
         "--pretrained": (args.pretrained, PAPER_SETTINGS["pretrained"]),
-        "--mode": (args.mode, preset.mode),
-        "--prob-thd": (args.prob_thd, preset.prob_thd),
-        "--short-side": (args.short_side, preset.short_side),
-        "--crop": (args.crop, crop),
-        "--stride": (args.stride, stride),
-        "--gaussian-std": (args.gaussian_std, PAPER_SETTINGS["gaussian_std"]),
+        "--mode": (args.mode, paper.mode),
+        "--prob-thd": (args.prob_thd, paper.prob_thd),
+        "--short-side": (args.short_side, paper.short_side),
+        "--crop": (args.crop, paper.crop),
+        "--stride": (args.stride, paper.stride),
+        "--gaussian-std": (args.gaussian_std, paper.gaussian_std),
         "--model-config": (args.model_config, None),
         "--templates": (args.templates, None),
     }

@@ -212,16 +212,18 @@ def _segment_config(args):
 
 
 def _resize_sides(args, config, preset) -> tuple[str, int | None, int | None]:
-    """``(mode, short side, long side)`` the model input will get (single mode: native unless given)."""
+    """``(mode, short side, long side)`` the model input will get, merged by
+    :meth:`naclip.config.SegmentConfig.resolve` (single mode: native resolution unless given)."""
     from naclip.presets import get_preset
 
     pre = get_preset(preset) if preset is not None else None
-    mode = args.mode or (pre.mode if pre is not None else config.mode)
-    short, long = args.short_side, args.long_side
-    if mode != "single":
-        short = short or (pre.short_side if pre is not None else config.short_side)
-        long = long or (pre.long_side if pre is not None else config.long_side)
-    return mode, short, long
+    try:
+        cfg = config.resolve(pre, mode=args.mode, short_side=args.short_side, long_side=args.long_side)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if cfg.mode == "single":
+        return cfg.mode, args.short_side, args.long_side
+    return cfg.mode, cfg.short_side, cfg.long_side
 
 
 def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple[Path, str]]:
