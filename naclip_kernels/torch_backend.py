@@ -259,7 +259,7 @@ class _BiasBuilder:
         w = pc + (kr1 - kr0 + 1) * self.gw
         if w > self.width:
             raise ValueError(f"internal: a {w}-key mask block exceeds the builder's {self.width} columns")
-        # CPU: contiguous (a strided mask costs SDPA a copy); CUDA: rows padded to 16 elements
+        # CPU: one contiguous block per (rows, keys) request; CUDA: rows padded to 16 elements
         stride = w if self.spec.device.type == "cpu" else -(-w // 16) * 16
         m = self._flat[: self._h * (e - s) * stride].view(self._h, e - s, stride)[:, :, :w]
         sig = (self._sig, s, e, a, kr0, kr1)
