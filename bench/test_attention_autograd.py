@@ -6,12 +6,15 @@ Run (not part of the normal test run)::
         --benchmark-json=bench/results/attention_autograd_cpu.json [-k N4097]
 
 ``NACLIP_BENCH_DEVICE=cuda`` runs on the GPU (Triton included); ``NACLIP_BENCH_THREADS`` sets torch threads
-(default 2). Methods and cases: ``bench/_autograd_cases.py``. Every method of one group runs in the same
-process, one after the other with the same rounds, so ratios within a group are comparable; peak memory is
-measured separately, one process per method (``python -m bench.autograd_memory``).
+(default 2); ``NACLIP_BENCH_ROUNDS`` overrides the rounds per method (default 3 for N >= 4097, else 5;
+e.g. 1 for ``-k N16385``). Methods and cases: ``bench/_autograd_cases.py``. Every method of one group runs in
+the same process, one after the other with the same rounds, so ratios within a group are comparable; peak
+memory is measured separately, one process per method (``python -m bench.autograd_memory``).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -41,5 +44,5 @@ def test_attention(benchmark, bench_device, case, mode, method):
     sync()
     benchmark.group = f"{case}-{mode}"
     benchmark.extra_info.update(case=case, mode=mode, method=method, N=CASES[case][0], batch=CASES[case][1])
-    rounds = 3 if CASES[case][0] >= 4097 else 5
+    rounds = int(os.environ.get("NACLIP_BENCH_ROUNDS") or (3 if CASES[case][0] >= 4097 else 5))
     benchmark.pedantic(lambda: (step(), sync()), rounds=rounds, iterations=1, warmup_rounds=0)

@@ -176,8 +176,8 @@ def mask_dtype(spec: AttentionSpec) -> torch.dtype:
 
 
 class _BiasBuilder:
-    """Fills ``[h, C, N]`` slices of ``bias_scale * G`` (query rows ``[s, e)``; h = 1 or H) into one reused
-    buffer.
+    """Fills ``[h, C, n]`` slices of ``bias_scale * G`` (query rows ``[s, e)``, ``n <= cols`` keys of whole
+    grid rows; h = 1 or H) into one reused buffer, contiguous on CPU.
 
     Per chunk and head: two row gathers from the 1-D factor tables (``[C, gh]``, ``[C, gw]``) and one
     broadcast multiply into the patch columns; zeros in the prefix columns and prefix rows. A cached buffer
@@ -185,7 +185,9 @@ class _BiasBuilder:
     buffer is only ever read by kernels that run inside the same call (nothing autograd saves points to it).
     """
 
-    def __init__(self, spec: AttentionSpec, rows: int, params: BiasParams | None = None) -> None:
+    def __init__(
+        self, spec: AttentionSpec, rows: int, params: BiasParams | None = None, *, cols: int | None = None
+    ) -> None:
         if spec.grid_hw is None or spec.sigma is None:  # excluded by check_inputs / has_bias
             raise ValueError("internal: the bias builder needs grid_hw and sigma")
         self.spec = spec
@@ -197,7 +199,8 @@ class _BiasBuilder:
         self.dtype = mask_dtype(spec)
         h = self.params.heads
         # rows padded to a multiple of 16 elements: aligned rows spare CUDA SDPA a padded copy of the mask
-        n_pad = -(-self.N // 16) * 16 if dev.type != "cpu" else self.N
+        width = self.N if cols is None else min(self.N, max(1, int(cols)))
+        n_pad = -(-width // 16) * 16 if dev.type != "cpu" else width
         numel = h * rows * n_pad
         nbytes = numel * torch.empty((), dtype=self.dtype).element_size()
         if dev.type == "cpu" and nbytes <= WORKSPACE_CACHE_BYTES:  # CUDA: the caching allocator suffices
@@ -213,8 +216,8 @@ class _BiasBuilder:
             self._entry = entry
         else:
             self._entry = [torch.empty(numel, dtype=self.dtype, device=dev), None]
-        self.buf = self._entry[0][:numel].view(h, rows, n_pad)[:, :, : self.N]
-        self._sig = (self.N, self.P, self.gh, self.gw, self.params, n_pad)
+        self._flat, self._h, self.width = self._entry[0][:numel], h, width
+        self._sig = (self.N, self.P, self.gh, self.gw, self.params, dev.type == "cpu")
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _factor_tables(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -253,7 +256,12 @@ class _BiasBuilder:
         """``[h, e - s, b - a]`` bias for query rows ``[s, e)`` and the key tokens ``[a, b)`` of grid rows
         ``kr0..kr1`` (``a = 0`` when ``kr0 == 0``: the prefix key columns are included as zeros)."""
         pc = self.P if a == 0 else 0
-        m = self.buf[:, : e - s, : pc + (kr1 - kr0 + 1) * self.gw]
+        w = pc + (kr1 - kr0 + 1) * self.gw
+        if w > self.width:
+            raise ValueError(f"internal: a {w}-key mask block exceeds the builder's {self.width} columns")
+        # CPU: one contiguous block per (rows, keys) request; CUDA: rows padded to 16 elements
+        stride = w if self.spec.device.type == "cpu" else -(-w // 16) * 16
+        m = self._flat[: self._h * (e - s) * stride].view(self._h, e - s, stride)[:, :, :w]
         sig = (self._sig, s, e, a, kr0, kr1)
         if self._entry[1] != sig:
             self._entry[1] = None  # invalid while being written

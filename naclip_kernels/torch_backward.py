@@ -20,13 +20,14 @@ from ._layout import empty_output
 from .torch_backend import (
     _band,
     _BiasBuilder,
+    _env_budget,
     _flash_cpu,
     _lse_dtype,
     _unit_last,
     band_split_radius,
     bias_params,
-    key_pieces,
     mask_dtype,
+    mask_row_bytes,
     plan_chunks,
     unit_last_qkv,
 )
@@ -36,6 +37,9 @@ __all__ = ["BiasGrads", "explicit_backward", "explicit_forward", "flash_backward
 _flash_cpu_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 #: Rows per explicit-path chunk are chosen so that three ``[batch, H, rows, N]`` work tensors fit here.
 EXPLICIT_BUDGET_BYTES = 48 * 2**20
+#: Floor of :func:`key_block` and its unit (the CPU flash backward works in blocks of 512 keys).
+MIN_KEY_BLOCK = 512
+KEY_ALIGN = 512
 
 BiasGrads = tuple[torch.Tensor | None, torch.Tensor | None]
 
@@ -170,46 +174,101 @@ def _acc_dtype(spec: AttentionSpec) -> torch.dtype:
     return spec.dtype if spec.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def key_block(spec: AttentionSpec, q_chunk: int, batch_chunk: int, budget_bytes: int | None = None) -> int:
+    """Keys per backward call: the largest multiple of :data:`KEY_ALIGN` whose bias mask ``[h, C, n]`` and
+    key / value gradient partials ``2 x [batch_chunk, H, n, D]`` (accumulation dtype) fit in three quarters of
+    the budget (:func:`naclip_kernels.torch_backend.plan_chunks`), at least ``min(MIN_KEY_BLOCK, N)``: 2048
+    at N = 4097, 12 heads, D = 64 and the default budget."""
+    budget = max(int(_env_budget() if budget_bytes is None else budget_bytes), 1)
+    acc = torch.empty((), dtype=_acc_dtype(spec)).element_size()
+    per_key = mask_row_bytes(spec) // spec.N * q_chunk + 2 * batch_chunk * spec.H * spec.D * acc
+    n = max(budget * 3 // 4 // per_key, min(MIN_KEY_BLOCK, spec.N), 1)
+    return n if n >= spec.N or n < KEY_ALIGN else n - n % KEY_ALIGN
+
+
+def _key_blocks(spec: AttentionSpec, s: int, e: int, R: int, kb: int, has_bias: bool):
+    """The key blocks ``(a, b, rows)`` of query rows ``[s, e)``: the forward's pieces (the whole row, or the
+    band and the bias-free ranges beside it; :func:`naclip_kernels.torch_backend.key_pieces`) cut into about
+    ``kb`` keys. ``rows = (kr0, kr1)`` for a block that needs the bias (whole grid rows, the prefix keys
+    joined to the first), ``None`` for a bias-free one. Blocks of one piece have <= ``kb + gw`` keys (+ P)."""
+    N, P = spec.N, spec.num_prefix_tokens
+    if not has_bias or R == -1:
+        return [(a, b, None) for a, b in _split(0, N, kb)]
+    gh, gw = spec.grid_hw  # type: ignore[misc]
+    band = _band(spec, s, e, R)
+    a0, b0, kr0, kr1 = (0, N, 0, gh - 1) if band is None else band
+    step = max(1, kb // gw)
+    out = []
+    for r in range(kr0, kr1 + 1, step):
+        r1 = min(kr1, r + step - 1)
+        out.append((0 if r == 0 else P + r * gw, P + (r1 + 1) * gw, (r, r1)))
+    out += [(a, b, None) for a, b in _split(0, a0, kb)] + [(a, b, None) for a, b in _split(b0, N, kb)]
+    return out
+
+
+def _split(a: int, b: int, n: int) -> list[tuple[int, int]]:
+    """``[a, b)`` cut into blocks of ``n`` keys, the remainder joined to the last block (< 2n keys)."""
+    cuts = list(range(a, b, n))
+    if len(cuts) > 1 and b - cuts[-1] < n:
+        cuts.pop()
+    return [(c, cuts[i + 1] if i + 1 < len(cuts) else b) for i, c in enumerate(cuts)]
+
+
 def flash_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias, budget_bytes=None):
-    """CPU: for each query chunk and key piece (band split as in the forward) call
-    ``_scaled_dot_product_flash_attention_for_cpu_backward`` with the piece's bias mask and the *full-row*
-    ``out`` / ``lse``, which makes every piece's ``P = exp(S - lse)`` the exact softmax restricted to it:
-    ``dq`` is the sum over pieces, ``dk`` / ``dv`` accumulate over chunks (float32 for half inputs)."""
+    """CPU: per query chunk and block of keys, ``_scaled_dot_product_flash_attention_for_cpu_backward``
+    with the block's bias mask and the *full-row* ``out`` / ``lse``, which makes every block's
+    ``P = exp(S - lse)`` the exact softmax restricted to it: ``dq`` sums over blocks, ``dk`` / ``dv`` over
+    chunks (float32 for half inputs), in a fixed order. The first chunk runs the forward's key pieces
+    whole (a whole-row piece's ``dk`` / ``dv`` become the accumulators), later chunks cut them into
+    :func:`key_block` keys, so one mask block and one ``dk`` / ``dv`` block partial are alive at a time."""
     plan = plan_chunks(spec, budget_bytes)
-    C, bc, B = plan.q_chunk, plan.batch_chunk, spec.B
+    C, bc, B, N = plan.q_chunk, plan.batch_chunk, spec.B, spec.N
     q_, k_, v_ = unit_last_qkv(q, k, v)
     do_ = _unit_last(dout)
     params = bias_params(spec) if spec.has_bias else None
-    builder = _BiasBuilder(spec, C, params) if params is not None else None
+    kb = key_block(spec, C, bc, budget_bytes)
     R = band_split_radius(spec, params, "flash")
     acc = _acc_dtype(spec)
     dq = torch.empty(q.shape, dtype=acc, device=spec.device)
-    dk = dv = None  # the first full-width piece's own gradients become the accumulators (no extra copy)
-    for s in range(0, spec.N, C):
-        e = min(spec.N, s + C)
-        pieces = key_pieces(spec, builder, s, e, R) if builder is not None else [(0, spec.N, None)]
+    dk = dv = None
+    builder = _BiasBuilder(spec, C, params) if params is not None else None
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        if s > 0 and builder is not None and builder.width > kb + spec.grid_hw[1] + spec.num_prefix_tokens:
+            builder = None  # free the whole-row mask before the block-sized one
+            builder = _BiasBuilder(spec, C, params, cols=kb + spec.grid_hw[1] + spec.num_prefix_tokens)
+        blocks = _key_blocks(spec, s, e, R, N if s == 0 else kb, params is not None)
         for b0 in range(0, B, bc):
             bs_ = slice(b0, min(B, b0 + bc))
-            dq_c = None
-            for a, b, m in pieces:
+            for i, (a, b, rows) in enumerate(blocks):
+                m = None if rows is None else builder.fill_band(s, e, a, *rows)[None]  # type: ignore[union-attr]
                 gq, gk, gv = _flash_cpu_bwd(
                     do_[bs_, :, s:e], q_[bs_, :, s:e], k_[bs_, :, a:b], v_[bs_, :, a:b], out[bs_, :, s:e],
                     lse[bs_, :, s:e], 0.0, False, attn_mask=m, scale=spec.scale,
                 )  # fmt: skip
-                dq_c = gq.to(acc) if dq_c is None else dq_c.add_(gq)
-                if dk is None and (a, b, bs_.start, bs_.stop) == (0, spec.N, 0, B) and gk.dtype == acc:
-                    dk, dv = gk, gv
-                    continue
-                if dk is None:
-                    dk = torch.zeros(k.shape, dtype=acc, device=spec.device)
-                    dv = torch.zeros(v.shape, dtype=acc, device=spec.device)
-                dk[bs_, :, a:b] += gk
-                dv[bs_, :, a:b] += gv
-            dq[bs_, :, s:e] = dq_c
+                _accumulate(dq[bs_, :, s:e], gq, first=i == 0)
+                if dk is None and (a, b, b0, bs_.stop) == (0, N, 0, B) and gk.dtype == acc:
+                    dk, dv = gk, gv  # the whole first chunk over every key: its grads are the accumulators
+                else:
+                    if dk is None:
+                        dk = torch.empty(k.shape, dtype=acc, device=spec.device)
+                        dv = torch.empty(v.shape, dtype=acc, device=spec.device)
+                    _accumulate(dk[bs_, :, a:b], gk, first=s == 0)
+                    _accumulate(dv[bs_, :, a:b], gv, first=s == 0)  # type: ignore[index]
+                del gq, gk, gv, m  # before the next call allocates its own
+    del builder
     grads: BiasGrads = (None, None)
     if params is not None and (need_sigma or need_bias):
         grads = _flash_bias_grads(do_, q_, k_, v_, out, lse, spec, params, plan, need_sigma, need_bias)
     return dq, dk, dv, grads
+
+
+def _accumulate(dst: torch.Tensor, part: torch.Tensor, *, first: bool) -> None:
+    """``dst = part`` on the first visit, else ``dst += part`` (in ``dst``'s dtype)."""
+    if first:
+        dst.copy_(part)
+    else:
+        dst.add_(part)
 
 
 def _weight_windows(spec, params, *, with_d2: bool) -> tuple[torch.Tensor, torch.Tensor]:

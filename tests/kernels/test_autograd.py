@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import naclip_kernels.torch_backend as tb
+import naclip_kernels.torch_backward as tbw
 from naclip_kernels import check_inputs, gaussian_attention, reference_attention
 from naclip_kernels.torch_backward import explicit_backward, explicit_forward
 
@@ -49,8 +50,9 @@ def _leaves(*xs):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force several query chunks (and the band split) on small problems."""
+    """Force several query chunks, key blocks (and the band split) on small problems."""
     monkeypatch.setattr(tb, "MIN_EFFICIENT_ROWS", 1)
+    monkeypatch.setattr(tbw, "MIN_KEY_BLOCK", 1)
     monkeypatch.setenv("NACLIP_TORCH_CHUNK_BYTES", "4000")
 
 
@@ -134,6 +136,51 @@ def test_grads_match_reference_chunked_and_band_split(
     _compare_grads(k, k, v, grid, sig, bs, P, dtype)
     _compare_grads(q, k, v, grid, sig, bs, P, dtype)
     assert any(n < P + 60 and m for n, m in calls), "the band split was not exercised"
+
+
+@pytest.mark.parametrize(
+    "B,grid,P,sigma_kind,bias_kind,q_is_k",
+    [
+        (1, (7, 5), 1, "scalar", "float", True),
+        (2, (9, 4), 0, "heads", "scalar", False),
+        (3, (5, 8), 5, "float", "heads", True),
+        (1, (11, 3), 1, "heads", "heads", False),
+    ],
+    ids=["7x5-P1-scalar", "9x4-P0-heads-B2", "5x8-P5-bias-heads-B3", "11x3-P1-both-heads"],
+)
+def test_backward_key_blocks_match_reference(
+    monkeypatch, small_chunks, B, grid, P, sigma_kind, bias_kind, q_is_k
+):
+    """The CPU flash backward cut into query chunks x key blocks (later chunks: blocks of whole grid rows,
+    the prefix keys joined to the first; bias-free ranges cut anywhere) gives the reference's grads."""
+    calls = []
+    real = tbw._flash_cpu_bwd
+
+    def spy(do, q, k, v, *args, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return real(do, q, k, v, *args, **kw)
+
+    monkeypatch.setattr(tbw, "_flash_cpu_bwd", spy)
+    H = 2
+    N = P + grid[0] * grid[1]
+    q, k, v = (t.float().requires_grad_() for t in _qkv(B, H, N, 8))
+    sig = _param(sigma_kind, H, 0.9, torch.float32)
+    bs = _param(bias_kind, H, 1.6, torch.float32)
+    _compare_grads(k if q_is_k else q, k, v, grid, sig, bs, P, torch.float32)
+    assert any(n <= grid[1] + P for _, n in calls), "the key blocks were not exercised"
+
+
+def test_key_blocks_cover_every_key_once():
+    spec = check_inputs(*_qkv(1, 1, 1 + 6 * 5, 4, torch.float32), grid_hw=(6, 5), sigma=0.5)
+    for kb in (1, 5, 7, 10, 31):
+        for s, e in ((0, 3), (1, 12), (20, 31)):
+            for R in (-1, 0, 1, 4):
+                blocks = tbw._key_blocks(spec, s, e, R, kb, True)
+                keys = sorted(j for a, b, _ in blocks for j in range(a, b))
+                assert keys == list(range(spec.N)), (kb, s, e, R)
+                for a, b, rows in blocks:
+                    if rows is not None:  # whole grid rows, prefix joined to the first
+                        assert a == (0 if rows[0] == 0 else 1 + rows[0] * 5) and b == 1 + (rows[1] + 1) * 5
 
 
 def test_explicit_path_matches_reference_and_builds_bias_in_float32():
