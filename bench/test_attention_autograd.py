@@ -6,8 +6,8 @@ Run (not part of the normal test run)::
         --benchmark-json=bench/results/attention_autograd_cpu.json [-k N4097]
 
 ``NACLIP_BENCH_DEVICE=cuda`` runs on the GPU (Triton included); ``NACLIP_BENCH_THREADS`` sets torch threads
-(default 2); ``NACLIP_BENCH_ROUNDS`` overrides the rounds per method (default 3 for N >= 4097, else 5;
-e.g. 1 for ``-k N16385``). Methods and cases: ``bench/_autograd_cases.py``. Every method of one group runs in
+(default 2); ``NACLIP_BENCH_ROUNDS`` overrides the timed rounds per method (default 5; 3 from N = 4097; 1 from
+N = 16385; each after one warm-up call). Methods and cases: ``bench/_autograd_cases.py``. Every method of one group runs in
 the same process, one after the other with the same rounds, so ratios within a group are comparable; peak
 memory is measured separately, one process per method (``python -m bench.autograd_memory``).
 """
@@ -44,5 +44,6 @@ def test_attention(benchmark, bench_device, case, mode, method):
     sync()
     benchmark.group = f"{case}-{mode}"
     benchmark.extra_info.update(case=case, mode=mode, method=method, N=CASES[case][0], batch=CASES[case][1])
-    rounds = int(os.environ.get("NACLIP_BENCH_ROUNDS") or (3 if CASES[case][0] >= 4097 else 5))
+    n = CASES[case][0]
+    rounds = int(os.environ.get("NACLIP_BENCH_ROUNDS") or (1 if n >= 16385 else 3 if n >= 4097 else 5))
     benchmark.pedantic(lambda: (step(), sync()), rounds=rounds, iterations=1, warmup_rounds=0)
