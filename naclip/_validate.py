@@ -92,7 +92,11 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | Non
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices``; ``ValueError`` listing them otherwise."""
-    if isinstance(value, str | int | float | bool | type(None)) and value in choices:
+    """``value`` if it is one of ``choices`` (a bool only matches a bool: ``True`` is not ``1`` here);
+    ``ValueError`` listing them otherwise."""
+    if isinstance(value, bool):
+        if any(c is value for c in choices):
+            return value
+    elif isinstance(value, str | int | float | type(None)) and value in choices:
         return value
     raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
