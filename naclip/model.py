@@ -41,7 +41,7 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 
-from naclip._validate import check_positive_int
+from naclip._validate import check_positive_int, unwrap_int
 from naclip.strategies import get_strategy, validate_config
 from naclip_kernels.nn import GaussianAttention
 
@@ -183,15 +183,10 @@ def _sdpa_block_forward(block: nn.Module, x: Tensor, qk_out: list | None = None)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _grid_ints(name: str, value: object) -> int:
     """A positive grid size: ``int`` or numpy / 0-d tensor integer -> ``int``; ``TypeError`` for another
     type (bool, float, str ...), ``ValueError`` for ``< 1``."""
-    if isinstance(value, Tensor) and value.ndim == 0 and value.dtype in _INT_DTYPES:
-        value = int(value)
-    return check_positive_int(name, value)
+    return check_positive_int(name, unwrap_int(value))
 
 
 class NaclipVisual(nn.Module):

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from naclip._validate import (
     check_bool,
@@ -16,6 +17,7 @@ from naclip._validate import (
     check_number,
     check_positive_int,
     check_probability,
+    unwrap_int,
 )
 
 _INT_FORMS = {
@@ -211,3 +213,30 @@ def test_check_bool_refuses_non_bools(value):
 def test_check_choice_refuses_values_not_listed(value):
     with _raises(ValueError, value):
         check_choice("arg", value, ("a", 1, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (torch.tensor(7), 7),
+        (torch.tensor(7, dtype=torch.uint8), 7),
+        (torch.tensor(-2, dtype=torch.int32), -2),
+        (np.int64(7), np.int64(7)),
+        (7, 7),
+    ],
+    ids=["int64-tensor", "uint8-tensor", "int32-tensor", "numpy-unchanged", "int-unchanged"],
+)
+def test_unwrap_int_turns_0d_integer_tensors_into_ints(value, expected):
+    out = unwrap_int(value)
+    assert out == expected and type(out) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(True), torch.tensor(7.0), torch.tensor([7]), torch.tensor(1 + 0j)],
+    ids=["bool-tensor", "float-tensor", "1-d-tensor", "complex-tensor"],
+)
+def test_unwrap_int_leaves_other_tensors_for_the_checks_to_refuse(value):
+    assert unwrap_int(value) is value
+    with pytest.raises(TypeError, match=r"^arg: expected a positive int, got Tensor "):
+        check_positive_int("arg", unwrap_int(value))
