@@ -2,7 +2,8 @@
 
 Each returns the checked value (ints as ``int``, numbers as ``float``) or raises, naming the argument, the
 expected and the actual value: ``TypeError`` for a wrong type (``bool`` is never an int or a number here),
-``ValueError`` for a value out of range.
+``ValueError`` for a value out of range. :func:`unwrap_int` turns a 0-d integer torch tensor into an ``int``
+first, where sizes may come from tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 __all__ = [
     "check_bool",
     "check_choice",
@@ -20,6 +23,7 @@ __all__ = [
     "check_number",
     "check_positive_int",
     "check_probability",
+    "unwrap_int",
 ]
 
 
@@ -46,6 +50,15 @@ def check_int(
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name}: expected {text}, got {value!r}")
     return int(value)
+
+
+def unwrap_int(value: Any) -> Any:
+    """``int(value)`` for a 0-d integer torch tensor (sizes often come from ``.shape`` or ``.sum()``); any
+    other value unchanged, for a ``check_*`` function to judge (a bool tensor stays a tensor: not an int)."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        return value
+    is_int = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return int(value) if is_int else value
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -92,7 +105,11 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | Non
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices``; ``ValueError`` listing them otherwise."""
-    if isinstance(value, str | int | float | bool | type(None)) and value in choices:
+    """``value`` if it is one of ``choices`` (a bool only matches a bool: ``True`` is not ``1`` here);
+    ``ValueError`` listing them otherwise."""
+    if isinstance(value, bool):
+        if any(c is value for c in choices):
+            return value
+    elif isinstance(value, str | int | float | type(None)) and value in choices:
         return value
     raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")

@@ -107,8 +107,6 @@ class SegmentConfig:
         check_int("pamr_steps", self.pamr_steps, minimum=0)
         check_bool("pamr", self.pamr)
         check_bool("exif_orientation", self.exif_orientation)
-        if not isinstance(self.pamr_dilations, tuple | list) or not self.pamr_dilations:
-            raise ValueError(f"pamr_dilations: expected positive ints, got {self.pamr_dilations!r}")
         check_ints("pamr_dilations", self.pamr_dilations)
         check_probability("prob_thd", self.prob_thd)
         if self.area_thd is not None:

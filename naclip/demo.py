@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from naclip import io, outputs
+from naclip._validate import check_bool, check_int
 from naclip.inference import MODES
 from naclip.presets import PRESET_NAMES, get_preset
 
@@ -198,10 +199,8 @@ def launch(
 ) -> Any:
     """Build and serve the app on ``host:port`` (``block=False`` returns at once, the server running in a
     background thread; ``app.close()`` stops it). Returns the app."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"port: expected an int in [1, 65535], got {port!r}")
-    if not isinstance(share, bool):
-        raise TypeError(f"share: expected a bool, got {share!r}")
+    port = check_int("port", port, minimum=1, maximum=65535)
+    check_bool("share", share)
     app = build_app(segmenter)
     app.queue(default_concurrency_limit=1)
     try:

@@ -49,6 +49,7 @@ from naclip._validate import (
     check_number,
     check_positive_int,
     check_probability,
+    unwrap_int,
 )
 from naclip.config import DEFAULT_MEMORY_BUDGET, LOGIT_SCALE, MODES, SegmentConfig
 from naclip.pamr import _check_dilations
@@ -561,7 +562,7 @@ def check_model_input(image: object) -> None:
 def check_shape(name: str, shape: object) -> tuple[int, int]:
     if isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or len(shape) != 2:
         raise ValueError(f"{name}: expected (height, width), got {shape!r}")
-    return tuple(check_positive_int(f"{name}[{i}]", _as_int(s)) for i, s in enumerate(shape))  # type: ignore
+    return tuple(check_positive_int(f"{name}[{i}]", unwrap_int(s)) for i, s in enumerate(shape))  # type: ignore
 
 
 def check_query_idx(
@@ -658,19 +659,3 @@ def _area_filter(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
     area = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0]).to(probs.dtype)
     keep = (area[1:] > area_thd * area[1:].sum()).to(probs.dtype)
     return torch.cat([probs[:1], probs[1:] * keep.view(-1, 1, 1)], dim=0)
-
-
-def _as_int(value: object) -> object:
-    """Plain ``int`` for ints and 0-d integer tensors/numpy ints (sizes often come from ``.shape``)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
-        return int(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.integer):
-            return int(value)
-    except ImportError:  # pragma: no cover - numpy is a torch dependency
-        pass
-    return value

@@ -47,6 +47,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from naclip._validate import check_bool, check_int
 from naclip.config import DEFAULT_MAX_PIXELS
 
 __all__ = [
@@ -257,10 +258,9 @@ def load_image(
     ``exif_orientation``: turn image files upright by their EXIF ``Orientation`` tag (PIL images, arrays and
     tensors are taken as given).
     """
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)):
-        raise TypeError(f"max_pixels: expected an int or None, got {max_pixels!r}")
-    if not isinstance(exif_orientation, bool):
-        raise TypeError(f"exif_orientation: expected a bool, got {exif_orientation!r}")
+    if max_pixels is not None:
+        max_pixels = check_int("max_pixels", max_pixels, expected="an int or None")
+    check_bool("exif_orientation", exif_orientation)
     if isinstance(image, str | os.PathLike):
         return _load_path(image, max_pixels, exif_orientation)
     if isinstance(image, Image.Image):
@@ -306,8 +306,7 @@ def label_palette(*, background: bool) -> np.ndarray:
     """The ``uint8 [256, 3]`` colours of label values (see the module docstring): ``background=True``: the
     VOC palette (0 = black background); ``False``: label ``i`` -> VOC colour ``i + 1`` (never black) and
     :data:`UNKNOWN_LABEL` -> black."""
-    if not isinstance(background, bool):
-        raise TypeError(f"background: expected a bool, got {background!r}")
+    check_bool("background", background)
     voc = voc_palette()
     if background:
         return voc

@@ -29,7 +29,6 @@ the tower's modules:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 
+from naclip._validate import check_positive_int, unwrap_int
 from naclip.strategies import get_strategy, validate_config
 from naclip_kernels.nn import GaussianAttention
 
@@ -183,22 +183,10 @@ def _sdpa_block_forward(block: nn.Module, x: Tensor, qk_out: list | None = None)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _grid_ints(name: str, value: object) -> int:
     """A positive grid size: ``int`` or numpy / 0-d tensor integer -> ``int``; ``TypeError`` for another
     type (bool, float, str ...), ``ValueError`` for ``< 1``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int; got bool {value!r}")
-    is_int_tensor = isinstance(value, Tensor) and value.ndim == 0 and value.dtype in _INT_DTYPES
-    if is_int_tensor or (not isinstance(value, int) and isinstance(value, numbers.Integral)):  # numpy ints
-        value = int(value)
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
+    return check_positive_int(name, unwrap_int(value))
 
 
 class NaclipVisual(nn.Module):

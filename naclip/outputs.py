@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from naclip import _fonts, io
+from naclip._validate import check_int
 
 __all__ = [
     "HEATMAP_TILE",
@@ -157,9 +158,11 @@ def render_heatmaps(
     if pr.ndim != 3 or len(class_names) != pr.shape[0]:
         raise ValueError(f"probs: expected [C, H, W] with C = {len(class_names)} names, got {pr.shape}")
     n_cls, h, w = pr.shape
-    cols = min(n_cls, 4) if columns is None else columns
-    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
-        raise ValueError(f"columns: expected an int >= 1 or None, got {columns!r}")
+    cols = (
+        min(n_cls, 4)
+        if columns is None
+        else check_int("columns", columns, minimum=1, expected="an int >= 1 or None")
+    )
     titles = [str(n) for n in class_names]
     if labels is not None:
         areas = class_areas(labels, pr, class_names)[:n_cls]

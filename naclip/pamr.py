@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from naclip._validate import check_int, check_ints
+
 __all__ = ["pamr", "neighbour_offsets"]
 
 _UNIT_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -44,12 +46,7 @@ def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(dilations, int | str) or not isinstance(dilations, Sequence):
-        raise TypeError(f"dilations: expected a sequence of positive ints, got {dilations!r}")
-    out = tuple(dilations)
-    if not out or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in out):
-        raise ValueError(f"dilations: expected a non-empty sequence of positive ints, got {dilations!r}")
-    return out
+    return check_ints("dilations", dilations, minimum=1)
 
 
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, h: int, w: int) -> torch.Tensor:
@@ -92,10 +89,7 @@ def pamr(
         raise ValueError(f"image/mask: batch sizes differ ({image.shape[0]} vs {mask.shape[0]})")
     if not image.is_floating_point() or not mask.is_floating_point():
         raise TypeError(f"image/mask: expected floating tensors, got {image.dtype} and {mask.dtype}")
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int):
-        raise TypeError(f"num_iter: expected an int >= 0, got {type(num_iter).__name__} {num_iter!r}")
-    if num_iter < 0:
-        raise ValueError(f"num_iter: expected an int >= 0, got {num_iter!r}")
+    num_iter = check_int("num_iter", num_iter, minimum=0)
     dils = _check_dilations(dilations)
 
     image = image.float()

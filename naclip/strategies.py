@@ -31,13 +31,13 @@ Registry: :data:`STRATEGIES` (name -> :class:`AttentionStrategy`), :func:`get_st
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 import naclip_kernels
+from naclip._validate import check_number
 
 __all__ = [
     "ARCHS",
@@ -214,14 +214,4 @@ def validate_config(arch: str, strategy: str, gaussian_std: float | None) -> flo
             return float(gaussian_std)
         except (TypeError, ValueError):
             return None
-    if isinstance(gaussian_std, bool) or not isinstance(gaussian_std, numbers.Real):
-        raise TypeError(
-            f"gaussian_std must be a positive number for strategy {strategy!r}; "
-            f"got {type(gaussian_std).__name__} {gaussian_std!r}"
-        )
-    std = float(gaussian_std)
-    if not (std > 0.0) or std == float("inf"):
-        raise ValueError(
-            f"gaussian_std must be a finite number > 0 for strategy {strategy!r}; got {gaussian_std!r}"
-        )
-    return std
+    return check_number(f"gaussian_std (strategy {strategy!r})", gaussian_std, positive=True)

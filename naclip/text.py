@@ -30,6 +30,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from naclip._validate import check_positive_int
 from naclip.text_tower import TextEncoder
 
 __all__ = [
@@ -221,8 +222,7 @@ def encode_queries(
     """
     if isinstance(queries, str) or not queries:
         raise ValueError(f"queries: expected a non-empty list of str, got {queries!r}")
-    if isinstance(queries_per_batch, bool) or not isinstance(queries_per_batch, int) or queries_per_batch < 1:
-        raise ValueError(f"queries_per_batch: expected a positive int, got {queries_per_batch!r}")
+    queries_per_batch = check_positive_int("queries_per_batch", queries_per_batch)
     if isinstance(templates, str) or not templates:
         raise ValueError(f"templates: expected at least one template, got {templates!r}")
     device, _ = _model_device_dtype(model)

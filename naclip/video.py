@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from naclip import inference, io, outputs
+from naclip._validate import check_int
 
 __all__ = ["DEFAULT_BATCH", "VIDEO_SUFFIXES", "VideoInfo", "iter_frame_batches", "probe", "segment_video"]
 
@@ -142,8 +143,7 @@ def segment_video(
     (``preset``, ``mode``, ``pamr``, ``prob_thd``, ``short_side``); ``progress(n)`` after every ``n`` frames.
     Returns ``{"height", "width", "frames", "fps", "classes", "settings", "per_frame": [{"frame",
     "pixels", "fraction"}]}`` (pixels and fractions per class, in class order)."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    batch = check_int("batch", batch, minimum=1)
     av, info = _av(), probe(path)
     spec = classes
     if classes is None and predict_kw.get("preset") is not None:  # keep the preset's synonyms and names

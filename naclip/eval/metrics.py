@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from naclip._validate import check_int
+
 IGNORE_INDEX = 255
 HIST_SIZE = 256  # label and prediction values are uint8-ranged; see joint_histogram
 
@@ -131,8 +133,7 @@ def compute_metrics(hist: torch.Tensor | np.ndarray, num_classes: int) -> Metric
         hist: integer ``[256, 256]`` histogram from :func:`joint_histogram` (summed over images).
         num_classes: ``C``, 1..255.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 255:
-        raise ValueError(f"num_classes must be an int in 1..255, got {num_classes!r}")
+    num_classes = check_int("num_classes", num_classes, minimum=1, maximum=255)
     h = np.asarray(hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist)
     if h.shape != (HIST_SIZE, HIST_SIZE):
         raise ValueError(f"hist must have shape (256, 256), got {h.shape}")

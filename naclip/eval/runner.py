@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from naclip import distributed
+from naclip._validate import check_int
 from naclip.eval.datasets import EvalDataset
 from naclip.eval.metrics import HIST_SIZE, Metrics, compute_metrics, joint_histogram
 from naclip.eval.records import RecordLog, read_logs, records_to_hist
@@ -65,9 +66,7 @@ def select_indices(n: int, limit: int | None) -> list[int]:
     """The first ``limit`` indices of ``range(n)`` (all when ``limit`` is None)."""
     if limit is None:
         return list(range(n))
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    return list(range(min(n, limit)))
+    return list(range(min(n, check_int("limit", limit, minimum=1, expected="a positive int or None"))))
 
 
 def _first(batch: list[dict]) -> dict:
@@ -203,8 +202,7 @@ def _check_arguments(dataset, predictor, indices, log_dir, fingerprint, num_work
     """:func:`evaluate`'s argument checks; returns the indices to evaluate."""
     if predictor is None and dataset.pred_paths is None:
         raise ValueError("predictor is None but the dataset has no pred_dir: nothing to score")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    check_int("num_workers", num_workers, minimum=0)
     n = len(dataset)
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     bad = [i for i in idx if not 0 <= i < n]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from naclip._validate import check_positive_int
 from naclip.eval.datasets import DATASETS, canonical_dataset_name
 from naclip.io import atomic_write, voc_palette
 
@@ -87,8 +88,7 @@ def make_synthetic_dataset(
     """
     key = canonical_dataset_name(name)
     spec = DATASETS[key]
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    num_images = check_positive_int("num_images", num_images)
     sizes = sizes or [(40, 56), (48, 36), (33, 47)]
     rng = np.random.default_rng(seed)
     base = Path(root)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import naclip_kernels
+from naclip._validate import check_bool, check_int
 from naclip.methods._blocks import (
     check_qk_layers,
     chunked_dense_attention,
@@ -191,8 +192,7 @@ class ResclipVisual(NaclipVisual):
         new.update({k: v for k, v in params.items() if k in RESCLIP_PARAMS})
         depth = len(self.visual.transformer.resblocks)
         for flag in ("rcs", "sfr", "delete_same_entity"):
-            if not isinstance(new[flag], bool):
-                raise TypeError(f"{flag}: expected a bool, got {new[flag]!r}")
+            check_bool(flag, new[flag])
         layers = default_rcs_layers(depth) if new["rcs_layers"] is None else new["rcs_layers"]
         layers = check_layers("rcs_layers", layers, depth - 1)
         if new["rcs"]:
@@ -202,9 +202,7 @@ class ResclipVisual(NaclipVisual):
         new["sfr_weights"] = check_pair("sfr_weights", new["sfr_weights"])
         new["temp_thd"] = check_fraction("temp_thd", new["temp_thd"])
         new["logit_scale"] = check_positive("logit_scale", new["logit_scale"])
-        steps = new["sfr_pamr_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"sfr_pamr_steps: expected an int >= 0, got {steps!r}")
+        new["sfr_pamr_steps"] = check_int("sfr_pamr_steps", new["sfr_pamr_steps"], minimum=0)
         new["sfr_pamr_dilations"] = tuple(new["sfr_pamr_dilations"])
         self.set_params(arch=params.get("arch"), gaussian_std=params.get("gaussian_std"))
         for k, v in new.items():

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import naclip_kernels
+from naclip._validate import check_int
 from naclip.methods._blocks import finish_block, last_block_attention, run_blocks
-from naclip.methods._params import SCCLIP_PARAMS, check_fraction, check_index, check_positive, map_layer_index
+from naclip.methods._params import SCCLIP_PARAMS, check_fraction, check_index, map_layer_index
 from naclip.model import NaclipVisual
 
 __all__ = ["ScclipVisual", "default_scclip_layers", "lof_outliers", "repair_outliers"]
@@ -170,10 +171,7 @@ class ScclipVisual(NaclipVisual):
         new["res_cls"] = float(check_fraction("res_cls", new["res_cls"]))
         new["beta"] = check_fraction("beta", new["beta"])
         new["lof_contamination"] = check_fraction("lof_contamination", new["lof_contamination"])
-        k = new["lof_neighbors"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"lof_neighbors: expected an int >= 1, got {k!r}")
-        check_positive("lof_neighbors", k)
+        new["lof_neighbors"] = check_int("lof_neighbors", new["lof_neighbors"], minimum=1)
         for name, value in new.items():
             setattr(self, name, value)
         self._layers = layers

@@ -16,16 +16,15 @@ from typing import Any
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
+from naclip._validate import check_positive_int
+
 __all__ = ["build_visual_from_manifest"]
 
 _REQUIRED = ("width", "layers", "heads", "patch_size", "input_resolution", "output_dim")
 
 
 def _positive_int(model_cfg: Mapping[str, Any], key: str) -> int:
-    value = model_cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"model_cfg[{key!r}] must be a positive int; got {value!r}")
-    return value
+    return check_positive_int(f"model_cfg[{key!r}]", model_cfg[key])
 
 
 def build_visual_from_manifest(

@@ -425,10 +425,10 @@ def test_errors(tiny_visual):
 @pytest.mark.parametrize(
     ("gh", "gw", "exc", "match"),
     [
-        (14.0, 14, TypeError, "gh must be a positive int; got float 14.0"),
-        (14, "14", TypeError, "gw must be a positive int; got str '14'"),
-        (True, 14, TypeError, "gh must be a positive int; got bool"),
-        (14, -2, ValueError, "gw must be a positive int; got -2"),
+        (14.0, 14, TypeError, "gh: expected a positive int, got float 14.0"),
+        (14, "14", TypeError, "gw: expected a positive int, got str '14'"),
+        (True, 14, TypeError, "gh: expected a positive int, got bool True"),
+        (14, -2, ValueError, "gw: expected a positive int, got -2"),
     ],
     ids=["float", "str", "bool", "negative"],
 )
@@ -451,8 +451,8 @@ def test_interpolate_pos_embed_accepts_numpy_and_tensor_ints(tiny_visual):
         (14, TypeError, "grid_hw must be a .gh, gw. tuple"),
         ("ab", TypeError, "grid_hw must be a .gh, gw. tuple"),
         ((14, 14, 1), ValueError, "grid_hw must be a .gh, gw. tuple"),
-        ((14.0, 14), TypeError, r"grid_hw\[0\] must be a positive int; got float"),
-        ((14, 0), ValueError, r"grid_hw\[1\] must be a positive int; got 0"),
+        ((14.0, 14), TypeError, r"grid_hw\[0\]: expected a positive int, got float 14.0"),
+        ((14, 0), ValueError, r"grid_hw\[1\]: expected a positive int, got 0"),
     ],
     ids=["int", "str", "three", "float", "zero"],
 )
