@@ -7,9 +7,9 @@ Run (not part of the normal test run)::
 
 ``NACLIP_BENCH_DEVICE=cuda`` runs on the GPU (Triton included); ``NACLIP_BENCH_THREADS`` sets torch threads
 (default 2); ``NACLIP_BENCH_ROUNDS`` overrides the timed rounds per method (default 5; 3 from N = 4097; 1 from
-N = 16385; each after one warm-up call). Methods and cases: ``bench/_autograd_cases.py``. Every method of one group runs in
-the same process, one after the other with the same rounds, so ratios within a group are comparable; peak
-memory is measured separately, one process per method (``python -m bench.autograd_memory``).
+N = 16385; each after one warm-up call). Methods and cases: ``bench/_autograd_cases.py``. Every method of
+one group runs in the same process, one after the other with the same rounds, so ratios within a group are
+comparable; peak memory is measured separately, one process per method (``python -m bench.autograd_memory``).
 """
 
 from __future__ import annotations
