@@ -63,24 +63,10 @@ def make_inputs(case: str, device: str = "cpu", dtype: str = "float32"):
 
 
 def _flex(grid_w: int, scale: float):
-    import torch
-    from torch.nn.attention.flex_attention import flex_attention
+    from bench._flex import compiled_flex_attention, gaussian_score_mod
 
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def run(k, v, sigma):
-        coef = -0.5 / (sigma * sigma)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            qi, ki = q_idx - 1, kv_idx - 1  # token 0 = CLS
-            dy = (qi // grid_w - ki // grid_w).to(torch.float32)
-            dx = (qi % grid_w - ki % grid_w).to(torch.float32)
-            g = torch.exp((dx * dx + dy * dy) * coef)
-            return score + torch.where((q_idx > 0) & (kv_idx > 0), g, torch.zeros_like(g))
-
-        return flex(k, k, v, score_mod=score_mod, scale=scale)
-
-    return run
+    flex = compiled_flex_attention()
+    return lambda k, v, sigma: flex(k, k, v, score_mod=gaussian_score_mod(grid_w, sigma), scale=scale)
 
 
 def build(method: str, mode: str, k, v, do, grid):

@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench._flex import compiled_flex_attention, gaussian_score_mod
 from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
 
 # (N, batch, grid): 197 = one 224 crop (x162 = all sliding-window crops of a 2048x1024 image, batched);
@@ -122,19 +123,7 @@ def _cpu_peak_extra(fn) -> tuple[int, str]:
 
 
 def _flex_fn(k, v, grid_w: int, sigma: float):
-    import torch
-    from torch.nn.attention.flex_attention import flex_attention
-
-    c = -1.0 / (2.0 * sigma * sigma)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        qi, ki = q_idx - 1, kv_idx - 1  # token 0 = CLS
-        dy = (qi // grid_w - ki // grid_w).to(torch.float32)
-        dx = (qi % grid_w - ki % grid_w).to(torch.float32)
-        g = torch.exp((dx * dx + dy * dy) * c)
-        return score + torch.where((q_idx > 0) & (kv_idx > 0), g, torch.zeros_like(g))
-
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex, score_mod = compiled_flex_attention(), gaussian_score_mod(grid_w, sigma)
     scale = k.shape[-1] ** -0.5
     return lambda: flex(k, k, v, score_mod=score_mod, scale=scale)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench._flex import compiled_flex_attention, gaussian_score_mod
+
 #: (label, batch, grid): 162 sliding-window crops of a 2048x1024 image, one image at 512 / 1024 / 2048 px.
 CASES = [
     ("crops162xN197", 162, (14, 14)),
@@ -51,16 +53,7 @@ def _meta() -> dict:
 
 def _flex(grid_w: int, sigma: torch.Tensor):
     """FlexAttention with NACLIP's Gaussian as a score_mod capturing a sigma tensor (token 0 = CLS)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        qi, ki = q_idx - 1, kv_idx - 1
-        dy = (qi // grid_w - ki // grid_w).to(torch.float32)
-        dx = (qi % grid_w - ki % grid_w).to(torch.float32)
-        g = torch.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma))
-        return score + torch.where((q_idx > 0) & (kv_idx > 0), g, torch.zeros_like(g))
-
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled, score_mod = compiled_flex_attention(), gaussian_score_mod(grid_w, sigma)
     return lambda k, v: compiled(k, k, v, score_mod=score_mod)
 
 
