@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine/version/git metadata and Linux ``/proc`` memory probes.
+"""Helpers shared by the benchmark scripts: machine/version/git metadata, Linux ``/proc`` memory probes and
+the fresh-process worker runner (:func:`run_worker`).
 
 Metadata builds on :func:`naclip.eval.report.environment_info` (versions, git sha and dirty flag: the one
 place that collects them) and adds what a timing needs: host, CPU model and count, memory, load, threads.
@@ -10,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as _dt
+import json
 import os
 import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 __all__ = ["cpu_model", "machine_info", "malloc_trim", "reset_peak_rss", "status_kb", "write_text"]
@@ -99,3 +103,22 @@ def write_text(path: str | os.PathLike, text: str | bytes) -> Path:
 
     data = text.encode("utf-8") if isinstance(text, str) else text
     return atomic_write(path, lambda f: f.write(data))
+
+
+def run_worker(args: list[str], *, threads: int, timeout: float) -> dict:
+    """Run ``python <args>`` in a fresh process from the repository root (``OMP_NUM_THREADS=threads``,
+    ``OPENBLAS_NUM_THREADS=1``) and return the JSON of its ``RESULT `` line, or ``{"status": why}`` when it
+    timed out or printed none (the last line of its output, exit code)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=root
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s"}
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"status": f"failed (exit {r.returncode}): {tail[0][:300]}"}

@@ -36,16 +36,14 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from bench._flex import compiled_flex_attention, gaussian_score_mod
-from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
+from bench._meta import machine_info, malloc_trim, reset_peak_rss, run_worker, status_kb, write_text
 
 # (N, batch, grid): 197 = one 224 crop (x162 = all sliding-window crops of a 2048x1024 image, batched);
 # 16385 = a 2048x2048 image at patch 16.
@@ -238,18 +236,8 @@ def _ref_bytes(N: int, B: int) -> int:
 
 
 def _run_case(cfg: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bench.attention", "--worker", json.dumps(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), OPENBLAS_NUM_THREADS="1")
-    root = Path(__file__).resolve().parents[1]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f} s"}
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"status": f"failed (exit {r.returncode}): {tail[0][:300]}"}
+    args = ["-m", "bench.attention", "--worker", json.dumps(cfg)]
+    return run_worker(args, threads=cfg["threads"], timeout=timeout)
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -19,12 +19,10 @@ import argparse
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from bench._autograd_cases import CASES, METHODS, skip_reason
-from bench._meta import machine_info, write_text
+from bench._meta import machine_info, run_worker, write_text
 
 THREADS = 2
 
@@ -45,18 +43,10 @@ def _worker(case: str, mode: str, method: str) -> dict:
 
 
 def _measure(case: str, mode: str, method: str, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bench.autograd_memory", "--worker", case, mode, method]
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS="1")
-    root = Path(__file__).resolve().parents[1]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f} s"}
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
-    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"status": f"failed (exit {r.returncode}): {tail[0][:300]}"}
+    r = run_worker(
+        ["-m", "bench.autograd_memory", "--worker", case, mode, method], threads=THREADS, timeout=timeout
+    )
+    return r if "status" in r else {"status": "ok", **r}
 
 
 def _load_memory(path: Path) -> dict:
