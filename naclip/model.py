@@ -151,6 +151,17 @@ def _sdpa_unsupported_reasons(block: nn.Module) -> list[str]:
     return reasons
 
 
+def _run_block(block: nn.Module, x: Tensor, *, batch_first: bool) -> Tensor:
+    """One open_clip residual block on batch-first ``x`` ``[B, T, E]``: :func:`_sdpa_block_forward` where it
+    is exact, else the block itself (``batch_first=False``: NLD -> LND for the block, as open_clip's
+    Transformer does)."""
+    if not _sdpa_unsupported_reasons(block):
+        return _sdpa_block_forward(block, x)
+    if batch_first:
+        return block(x)
+    return block(x.transpose(0, 1)).transpose(0, 1)
+
+
 def _sdpa_block_forward(block: nn.Module, x: Tensor, qk_out: list | None = None) -> Tensor:
     """One pre-LN CLIP block on batch-first tokens ``x`` ``[B, T, E]`` -> ``[B, T, E]`` (same dtype).
 
@@ -409,12 +420,7 @@ class NaclipVisual(nn.Module):
         transformer = self.visual.transformer
         batch_first = getattr(transformer, "batch_first", True)
         for block in transformer.resblocks[:-1]:
-            if not _sdpa_unsupported_reasons(block):
-                x = _sdpa_block_forward(block, x)
-            elif batch_first:
-                x = block(x)
-            else:  # NLD -> LND for the block, as open_clip's Transformer does for batch_first=False
-                x = block(x.transpose(0, 1)).transpose(0, 1)
+            x = _run_block(block, x, batch_first=batch_first)
         return x
 
     def last_block_input(self, images: Tensor) -> Tensor:

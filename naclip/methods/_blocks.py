@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from naclip.model import NaclipVisual, _sdpa_block_forward, _sdpa_unsupported_reasons
+from naclip.model import NaclipVisual, _run_block, _sdpa_block_forward, _sdpa_unsupported_reasons
 
 __all__ = [
     "DENSE_CHUNK_BYTES",
@@ -65,12 +65,8 @@ def run_blocks(
             got: list = []
             x = _sdpa_block_forward(block, x, got)
             qk[i] = got[0]
-        elif not _sdpa_unsupported_reasons(block):
-            x = _sdpa_block_forward(block, x)
-        elif batch_first:
-            x = block(x)
-        else:  # NLD -> LND for the block, as open_clip's Transformer does for batch_first=False
-            x = block(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            x = _run_block(block, x, batch_first=batch_first)
         if keep_outputs:
             outputs.append(x)
     return x, outputs, qk
