@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["empty_output", "in_output_layout", "token_major"]
+__all__ = ["empty_output", "in_output_layout", "output_strides", "token_major"]
 
 
 def token_major(q: torch.Tensor) -> bool:
@@ -20,21 +20,23 @@ def token_major(q: torch.Tensor) -> bool:
     return q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
 
 
-def empty_output(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Uninitialised ``[B, H, N, D]`` output for ``q`` (its device; ``dtype`` or its dtype) in the memory
-    order described in the module docstring."""
+def output_strides(q: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of the ``[B, H, N, D]`` output for ``q``: dense ``[B, N, H, D]`` storage for a token-major q,
+    else contiguous."""
     B, H, N, D = q.shape
+    return (N * H * D, D, H * D, 1) if token_major(q) else (H * N * D, N * D, D, 1)
+
+
+def empty_output(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uninitialised ``[B, H, N, D]`` output for ``q`` (its device; ``dtype`` or its dtype) with
+    :func:`output_strides`."""
     dtype = q.dtype if dtype is None else dtype
-    if token_major(q):
-        return torch.empty(B, N, H, D, dtype=dtype, device=q.device).transpose(1, 2)
-    return torch.empty(B, H, N, D, dtype=dtype, device=q.device)
+    return torch.empty_strided(tuple(q.shape), output_strides(q), dtype=dtype, device=q.device)
 
 
 def in_output_layout(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``out`` ``[B, H, N, D]`` in :func:`empty_output`'s order for ``q``, exactly its strides (no copy when
-    ``out`` already has them)."""
-    B, H, N, D = q.shape
-    want = (N * H * D, D, H * D, 1) if token_major(q) else (H * N * D, N * D, D, 1)
-    if tuple(out.stride()) == want:
+    """``out`` ``[B, H, N, D]`` with exactly :func:`output_strides` for ``q`` (no copy when it already has
+    them)."""
+    if tuple(out.stride()) == output_strides(q):
         return out
     return empty_output(q, out.dtype).copy_(out)
