@@ -241,7 +241,7 @@ def _precheck_inputs(inputs: Sequence[Path], args, config, preset) -> list[tuple
     bad = []
     for path in inputs:
         try:
-            if path.suffix.lower() in _video_suffixes():
+            if collection.is_video(path):
                 h, w = _probe_video(path)
             else:
                 h, w = probe_image(
@@ -322,12 +322,6 @@ def _encode_text(seg, spec, args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- video
-
-
-def _video_suffixes() -> tuple[str, ...]:
-    from naclip.video import VIDEO_SUFFIXES
-
-    return VIDEO_SUFFIXES
 
 
 def _probe_video(path: Path) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from naclip.collection.inputs import (
     OutputPaths,
     collect_inputs,
     expected_outputs,
+    is_video,
     plan_outputs,
 )
 from naclip.collection.manifest import MANIFEST_NAME, read_records, settings_fingerprint
@@ -46,6 +47,7 @@ __all__ = [
     "add_collection_args",
     "collect_inputs",
     "expected_outputs",
+    "is_video",
     "plan_outputs",
     "prefetch",
     "read_records",

@@ -45,7 +45,8 @@ def _video_suffixes() -> tuple[str, ...]:
     return VIDEO_SUFFIXES
 
 
-def _is_video(path: Path) -> bool:
+def is_video(path: Path) -> bool:
+    """Whether ``path`` names a video (a suffix of :data:`naclip.video.VIDEO_SUFFIXES`, any case)."""
     return path.suffix.lower() in _video_suffixes()
 
 
@@ -216,7 +217,7 @@ def plan_outputs(
 def expected_outputs(path: Path, plan: OutputPaths, *, frame_masks: bool = False) -> list[Path]:
     """Every file (and, for a video's frame masks, folder) the input ``path`` produces: an image's requested
     kinds; a video's overlay, masks folder and per-frame JSON (written last)."""
-    if _is_video(path):
+    if is_video(path):
         base = plan.base
         extra = [base.with_name(f"{base.name}_masks")] if frame_masks else []
         return [

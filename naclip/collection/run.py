@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from naclip.collection.inputs import Input, OutputPaths, _complete, _is_video, expected_outputs
+from naclip.collection.inputs import Input, OutputPaths, _complete, expected_outputs, is_video
 from naclip.collection.manifest import (
     _JOURNAL,
     MANIFEST_VERSION,
@@ -225,7 +225,7 @@ def _segment_todo(seg, inputs, plans, todo, opts: Options, out_dir: Path, record
 
     def load(i: int) -> Any:  # videos are decoded lazily by naclip.video
         path = inputs[i].path
-        if _is_video(path):
+        if is_video(path):
             return None
         return io.load_image(path, max_pixels=opts.max_pixels, exif_orientation=opts.exif_orientation)
 
