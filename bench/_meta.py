@@ -64,7 +64,8 @@ def machine_info(device: str | None = None, *, threads: int | None = None) -> di
     """Metadata of a benchmark run: ``timestamp`` (UTC), ``host``, ``cpu_model``, ``cpu_count``,
     ``cpu_affinity``, ``mem_total_gb``, ``loadavg_at_start``, ``device``, ``torch_threads``, ``versions``
     (python, naclip, torch, open_clip, numpy, pillow, triton, cuda, platform, device_name), ``git_sha`` and
-    ``git_dirty`` (both None when git is unavailable or fails)."""
+    ``git_dirty`` (both None when git is unavailable or fails), ``cpu_backward_kernel`` (``"fused"``, or
+    ``"aten (why)"``: which float32 CPU backward ran, :mod:`naclip_kernels._cpu_kernel`)."""
     import torch
 
     from naclip.eval.report import environment_info
@@ -81,6 +82,9 @@ def machine_info(device: str | None = None, *, threads: int | None = None) -> di
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (OSError, ValueError):
         mem_gb = None
+    from naclip_kernels import _cpu_kernel
+
+    cpu_kernel = _cpu_kernel.status()
     return {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -94,6 +98,7 @@ def machine_info(device: str | None = None, *, threads: int | None = None) -> di
         "versions": versions,
         "git_sha": env["git_sha"],
         "git_dirty": env["git_dirty"],
+        "cpu_backward_kernel": "fused" if cpu_kernel.available else f"aten ({cpu_kernel.reason})",
     }
 
 

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from . import _cpu_kernel
 from ._bias import band_rows, gaussian, gaussian_coef
 from ._checks import AttentionSpec
 from ._layout import empty_output
@@ -32,7 +33,14 @@ from .torch_backend import (
     unit_last_qkv,
 )
 
-__all__ = ["BiasGrads", "explicit_backward", "explicit_forward", "flash_backward", "torch_backward"]
+__all__ = [
+    "BiasGrads",
+    "explicit_backward",
+    "explicit_forward",
+    "flash_backward",
+    "fused_backward",
+    "torch_backward",
+]
 
 _flash_cpu_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 #: Rows per explicit-path chunk are chosen so that three ``[batch, H, rows, N]`` work tensors fit here.
@@ -353,6 +361,24 @@ def _flash_bias_grads(do_, q_, k_, v_, out, lse, spec, params, plan, need_sigma,
     return _finish_bias(params, sums.get("sigma"), sums.get("bias"), spec.H)
 
 
+def fused_backward(dout, q, k, v, out, lse, spec, *, need_sigma, need_bias) -> tuple:
+    """float32 CPU: the fused kernel (:mod:`naclip_kernels._cpu_kernel`), one pass over the scores for the
+    input gradients and the bias sums together. Returns what :func:`torch_backward` returns."""
+    params = bias_params(spec) if spec.has_bias else None
+    q_, k_, v_ = unit_last_qkv(q, k, v)
+    sigmas, scales = (params.sigmas, params.scales) if params is not None else ((), ())
+    dq, dk, dv, sum_g, sum_gd2 = _cpu_kernel.backward(
+        _unit_last(dout), q_, k_, v_, _unit_last(out), lse, spec, sigmas, scales
+    )
+    grads: BiasGrads = (None, None)
+    if params is not None and (need_sigma or need_bias):
+        d_sig, d_bs = _finish_bias(
+            params, sum_gd2 if need_sigma else None, sum_g if need_bias else None, spec.H
+        )
+        grads = (None if d_sig is None else d_sig.float(), None if d_bs is None else d_bs.float())
+    return dq, dk, dv, grads
+
+
 def torch_backward(dout, q, k, v, out, lse, spec, *, need_sigma=False, need_bias=False, budget_bytes=None):
     """Gradients of :func:`naclip_kernels.torch_backend.torch_attention` given ``dout``, the saved ``out`` and
     ``lse``: ``(dq, dk, dv, (d_sigma, d_bias_scale))`` with ``dq, dk, dv`` in the input dtype and the bias
@@ -360,7 +386,10 @@ def torch_backward(dout, q, k, v, out, lse, spec, *, need_sigma=False, need_bias
     CPU flash backward when the forward could (see ``choose_impl``), else the explicit path."""
     from .torch_backend import choose_impl
 
-    fn = flash_backward if choose_impl(spec, k, needs_lse=True) == "flash" else explicit_backward
+    impl = choose_impl(spec, k, needs_lse=True)
+    if impl == "flash" and spec.dtype == torch.float32 and _cpu_kernel.status().available:
+        return fused_backward(dout, q, k, v, out, lse, spec, need_sigma=need_sigma, need_bias=need_bias)
+    fn = flash_backward if impl == "flash" else explicit_backward
     dq, dk, dv, grads = fn(
         dout, q, k, v, out, lse, spec, need_sigma=need_sigma, need_bias=need_bias, budget_bytes=budget_bytes
     )

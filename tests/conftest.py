@@ -5,13 +5,15 @@
   (then the kernel compiles for the GPU) or the variable is already set.
 * The golden fixtures of the official implementation are read from ``../shared/reference/fixtures`` beside the
   repository root, or from ``$NACLIP_FIXTURES_DIR``. A missing fixtures directory is an error, never a skip.
-* ``NACLIP_CACHE_DIR`` is set to "" (the on-disk text-feature cache off) unless a test passes a folder.
+* ``NACLIP_CACHE_DIR`` is set to "" (the on-disk text-feature cache off) unless a test passes a folder, and
+  ``NACLIP_KERNELS_CACHE`` (where the fused CPU backward is compiled) to a folder under the temp dir.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
@@ -21,6 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The persistent text-feature cache is off in tests (never the user's folder, no order dependence); the cache
 # tests pass their own folder.
 os.environ["NACLIP_CACHE_DIR"] = ""
+# The fused CPU backward is compiled into a per-user folder under the temp dir, never the user's cache.
+os.environ.setdefault(
+    "NACLIP_KERNELS_CACHE", os.path.join(tempfile.gettempdir(), f"naclip-kernels-tests-{os.getuid()}")
+)
 
 import pytest  # noqa: E402
 from naclip_test_support import CLASSNAMES_DIR, FIXTURES_DIR  # noqa: E402

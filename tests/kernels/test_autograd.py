@@ -152,7 +152,9 @@ def test_backward_key_blocks_match_reference(
     monkeypatch, small_chunks, B, grid, P, sigma_kind, bias_kind, q_is_k
 ):
     """The CPU flash backward cut into query chunks x key blocks (later chunks: blocks of whole grid rows,
-    the prefix keys joined to the first; bias-free ranges cut anywhere) gives the reference's grads."""
+    the prefix keys joined to the first; bias-free ranges cut anywhere) gives the reference's grads (float32
+    runs the fused CPU kernel by default: switched off here to reach aten's path)."""
+    monkeypatch.setenv("NACLIP_CPU_KERNEL", "0")
     calls = []
     real = tbw._flash_cpu_bwd
 
