@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,10 @@ from ._checks import AttentionSpec
 __all__ = ["BLOCK_M", "BLOCK_N", "ENV_CACHE", "ENV_SWITCH", "Status", "backward", "status"]
 
 #: Query rows per block and (about) keys per block, whole grid rows: the two ``[BLOCK_M, ~BLOCK_N]`` float32
-#: score tiles (256 KB) plus one key / value block stay in a core's L2 cache.
-BLOCK_M = 64
-BLOCK_N = 512
+#: score tiles (512 KB) stay in a core's L2 cache, and each query block streams the key / value blocks and
+#: their gradient accumulators once (measured side by side: docs/autograd.md, "Fused CPU backward").
+BLOCK_M = 256
+BLOCK_N = 256
 ENV_SWITCH = "NACLIP_CPU_KERNEL"  # "0" / "off" / "false" / "no": never use the fused kernel
 ENV_CACHE = "NACLIP_KERNELS_CACHE"
 _SOURCE = Path(__file__).with_name("csrc") / "gaussian_bwd_cpu.c"
@@ -67,6 +70,7 @@ class _Tens(ctypes.Structure):
     ]
 
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: tuple[Status, ctypes.CDLL | None, int] | None = None
 
@@ -100,9 +104,9 @@ def _compiler() -> tuple[str, str]:
     return path, (out.stdout.splitlines() or [""])[0]
 
 
-def _build() -> Path:
-    """The compiled library in the cache, compiled now if absent (to a temporary file, then renamed)."""
-    cc, version = _compiler()
+def _build(cc: str, version: str) -> Path:
+    """The compiled library in the cache, compiled now with ``cc`` if absent (to a temporary file, then
+    renamed); _BuildError when compiling fails."""
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join([src, " ".join(_FLAGS).encode(), version.encode(), _cpu_fingerprint().encode()])
@@ -119,7 +123,7 @@ def _build() -> Path:
             [cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
         )
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed: {res.stderr.strip()[-500:]}")
+            raise _BuildError(f"compiling {_SOURCE.name} failed: {res.stderr.strip()[-500:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -140,13 +144,24 @@ def _sgemm() -> int:
         raise RuntimeError("libtorch_cpu.so exports no sgemm_") from None
 
 
+class _BuildError(RuntimeError):
+    """A compiler exists but the library could not be built or loaded (worth a warning)."""
+
+
 def _open() -> tuple[Status, ctypes.CDLL | None, int]:
+    """Find sgemm_, build, load and check the library; unavailable with the reason on any failure (a
+    RuntimeWarning when it should have worked: a failed build, load or self-check)."""
     try:
         gemm = _sgemm()
-        path = _build()
+        cc, version = _compiler()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        _log.info("fused CPU backward unavailable: %s", exc)
+        return Status(False, str(exc)), None, 0
+    try:
+        path = _build(cc, version)
         lib = ctypes.CDLL(str(path))
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        return Status(False, str(exc)), None, 0
+        return _warned(Status(False, str(exc))), None, 0
     fn = lib.naclip_gaussian_bwd_f32
     fn.argtypes = [
         ctypes.c_void_p,
@@ -156,9 +171,20 @@ def _open() -> tuple[Status, ctypes.CDLL | None, int]:
         ctypes.c_int,
     ]
     fn.restype = ctypes.c_int
-    st = Status(True, "compiled and checked", str(path))
     err = _self_check(lib, gemm)
-    return (st, lib, gemm) if err is None else (Status(False, err, str(path)), None, 0)
+    if err is not None:
+        return _warned(Status(False, err, str(path))), None, 0
+    return Status(True, "compiled and checked", str(path)), lib, gemm
+
+
+def _warned(st: Status) -> Status:
+    warnings.warn(
+        f"naclip_kernels: the fused CPU backward is off ({st.reason}); float32 CPU backward passes use "
+        f"aten's slower path (same results). Set {ENV_SWITCH}=0 to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return st
 
 
 def _loaded() -> tuple[Status, ctypes.CDLL | None, int]:
@@ -212,13 +238,15 @@ def _call(lib, gemm, tensors, spec: AttentionSpec, sigmas, scales) -> torch.Tens
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's float32 ``exp`` on a CPU tensor (for its accuracy test); needs :func:`status` available."""
+    """The kernel's float32 ``exp`` of a CPU tensor (its accuracy test); needs :func:`status` available."""
     st, lib, _ = _loaded()
     if not st.available:
         raise RuntimeError(f"internal: the fused CPU backward is not available ({st.reason})")
     x = x.detach().to(torch.float32).contiguous()
     y = torch.empty_like(x)
-    lib.naclip_exp_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(x.numel()))
+    lib.naclip_exp_f32(
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(x.numel())
+    )
     return y
 
 
