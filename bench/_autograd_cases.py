@@ -6,6 +6,8 @@ sigma where it is learnable):
 
 * ``torch_fixed``    gaussian_attention(backend="torch"), sigma a Python float.
 * ``torch_sigma``    the same with a learnable sigma tensor ``[]`` (requires grad).
+* ``torch_fixed_aten`` / ``torch_sigma_aten``   the same two with the fused float32 CPU backward switched off
+  (``NACLIP_CPU_KERNEL=0``: aten's flash backward, plus one flash forward for the sigma gradient).
 * ``sdpa_dense``     F.scaled_dot_product_attention with the precomputed ``[N, N]`` mask (no grad).
 * ``sdpa_nobias``    F.scaled_dot_product_attention without bias: the floor.
 * ``dense_sigma``    the dense learnable route: ``G`` built from a sigma tensor with autograd, then SDPA.
@@ -27,6 +29,8 @@ CASES = {
 METHODS = [
     "torch_fixed",
     "torch_sigma",
+    "torch_fixed_aten",
+    "torch_sigma_aten",
     "sdpa_dense",
     "sdpa_nobias",
     "dense_sigma",
@@ -38,6 +42,8 @@ METHODS = [
 
 def skip_reason(case: str, method: str, mode: str, device: str) -> str | None:
     """Why a (case, method, mode) is not run here, or None. Skips are listed in the README table."""
+    if method.endswith("_aten") and (device != "cpu" or mode == "fwd"):
+        return "the aten comparison is of the CPU backward (the forward is the same code)"
     if method.startswith("triton") and device != "cuda":
         return "Triton needs a CUDA GPU (none lent to this run)"
     if method == "flex_sigma" and mode == "fwdbwd" and device == "cpu":
@@ -78,6 +84,7 @@ def build(method: str, mode: str, k, v, do, grid):
     from naclip_kernels.reference import _factors_t
 
     backward = mode == "fwdbwd"
+    learnable = "sigma" in method
     sig_t = torch.tensor(SIGMA, device=k.device)
     if method == "sdpa_dense":
         G = nk.gaussian_bias(grid, SIGMA, dtype=torch.float32, device=k.device)
@@ -87,7 +94,7 @@ def build(method: str, mode: str, k, v, do, grid):
     def forward(kk, vv, sig):
         if method.startswith(("torch", "triton")):
             backend = method.split("_")[0]
-            s = sig if method.endswith("sigma") else SIGMA
+            s = sig if learnable else SIGMA
             return nk.gaussian_attention(kk, kk, vv, grid, s, backend=backend)
         if method == "sdpa_dense":
             return F.scaled_dot_product_attention(kk, kk, vv, attn_mask=G)
@@ -110,9 +117,29 @@ def build(method: str, mode: str, k, v, do, grid):
             with torch.no_grad():
                 return forward(k, v, sig_t)
         kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
-        sig = sig_t.detach().requires_grad_(method.endswith("sigma"))
+        sig = sig_t.detach().requires_grad_(learnable)
         leaves = [kk, vv] + ([sig] if sig.requires_grad else [])
         out = forward(kk, vv, sig)
         return torch.autograd.grad(out, leaves, do)
 
-    return step
+    return _without_fused_kernel(step) if method.endswith("_aten") else step
+
+
+def _without_fused_kernel(step):
+    """``step`` run with ``NACLIP_CPU_KERNEL=0`` (restored after each call)."""
+    import os
+
+    from naclip_kernels._cpu_kernel import ENV_SWITCH
+
+    def run():
+        old = os.environ.get(ENV_SWITCH)
+        os.environ[ENV_SWITCH] = "0"
+        try:
+            return step()
+        finally:
+            if old is None:
+                del os.environ[ENV_SWITCH]
+            else:
+                os.environ[ENV_SWITCH] = old
+
+    return run

@@ -8,6 +8,8 @@ and 512x512 batch 4 (N = 1025, the model built at ``img_size=512``). Variants, a
 * ``sdpa``                 the unpatched model (timm ``Attention``: SDPA, no bias) - the floor;
 * ``patched_fixed``        :func:`naclip_kernels.nn.patch_vit` with a fixed sigma (torch backend);
 * ``patched_learnable``    the same with a learnable per-head sigma (``[H]`` per block, trained by AdamW);
+* ``patched_learnable_aten`` the same with the fused CPU backward switched off (``NACLIP_CPU_KERNEL=0``:
+                           aten's flash backward plus one flash forward per block for the sigma gradient);
 * ``dense_fixed``          the same bias as a dense ``[N, N]`` SDPA ``attn_mask`` (built once, not timed);
 * ``dense_learnable``      per block a differentiable dense ``[1, H, N, N]`` mask from a learnable ``[H]``
                            sigma (the reference's dense bias), rebuilt every step, passed to the same blocks.
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from bench._meta import machine_info, malloc_trim, reset_peak_rss, status_kb, write_text
 from naclip_kernels import check_inputs, gaussian_bias
+from naclip_kernels._cpu_kernel import ENV_SWITCH
 from naclip_kernels.nn import patch_vit
 from naclip_kernels.reference import _dense_bias
 
@@ -47,7 +50,14 @@ SIGMA = 5.0
 THREADS = int(os.environ.get("NACLIP_BENCH_THREADS", "2"))  # the same variable as bench/conftest.py
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CASES = {"224px-b32-N197": (224, 32), "512px-b4-N1025": (512, 4)}
-VARIANTS = ("sdpa", "patched_fixed", "patched_learnable", "dense_fixed", "dense_learnable")
+VARIANTS = (
+    "sdpa",
+    "patched_fixed",
+    "patched_learnable",
+    "patched_learnable_aten",
+    "dense_fixed",
+    "dense_learnable",
+)
 RESULTS: dict[str, dict[str, dict]] = {}
 OUT = os.path.join(os.path.dirname(__file__), "results", "train_step_cpu")
 
@@ -75,7 +85,7 @@ def _setup(variant: str, size: int, batch: int):
     grid = model.patch_embed.grid_size
     n = model.num_prefix_tokens + grid[0] * grid[1]
     if variant.startswith("patched"):
-        learn = variant.endswith("learnable")
+        learn = "learnable" in variant
         patch_vit(model, sigma=SIGMA, learnable_sigma=learn, per_head_sigma=learn,
                   backend="torch")  # fmt: skip
     fixed_mask = gaussian_bias(grid, SIGMA, num_prefix_tokens=model.num_prefix_tokens)  # [N, N]
@@ -124,7 +134,9 @@ def _summary():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_step(benchmark, case, variant):
+def test_train_step(benchmark, monkeypatch, case, variant):
+    if variant.endswith("_aten"):
+        monkeypatch.setenv(ENV_SWITCH, "0")
     size, batch = CASES[case]
     model, opt, step, n = _setup(variant, size, batch)
     benchmark.group = case
