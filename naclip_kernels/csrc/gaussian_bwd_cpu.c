@@ -106,20 +106,25 @@ static inline void lane_step(float *s, float *dp, vf bias, vf wg, vf wf, float s
     *acc_f += ds * wf;
 }
 
-/* `n` consecutive keys without bias (the tail through a zero-padded vector). */
+/* lane_step on the last n < VL keys, through zero-padded copies of s / dp (bias and weights: padded too). */
+static void lane_tail(float *s, float *dp, int64_t n, vf bias, vf wg, vf wf, float scale, float lse, float delta,
+                      vf *acc_g, vf *acc_f) {
+    float ts[VL] = {0}, td[VL] = {0};
+    memcpy(ts, s, (size_t)n * sizeof(float));
+    memcpy(td, dp, (size_t)n * sizeof(float));
+    lane_step(ts, td, bias, wg, wf, scale, lse, delta, acc_g, acc_f);
+    memcpy(s, ts, (size_t)n * sizeof(float));
+    memcpy(dp, td, (size_t)n * sizeof(float));
+}
+
+/* `n` consecutive keys without bias. */
 static void row_plain(float *s, float *dp, int64_t n, float scale, float lse, float delta) {
     vf zero = {0}, ag = {0}, af = {0};
     int64_t j = 0;
     for (; j + VL <= n; j += VL)
         lane_step(s + j, dp + j, zero, zero, zero, scale, lse, delta, &ag, &af);
-    if (j < n) {
-        float ts[VL] = {0}, td[VL] = {0};
-        memcpy(ts, s + j, (size_t)(n - j) * sizeof(float));
-        memcpy(td, dp + j, (size_t)(n - j) * sizeof(float));
-        lane_step(ts, td, zero, zero, zero, scale, lse, delta, &ag, &af);
-        memcpy(s + j, ts, (size_t)(n - j) * sizeof(float));
-        memcpy(dp + j, td, (size_t)(n - j) * sizeof(float));
-    }
+    if (j < n)
+        lane_tail(s + j, dp + j, n - j, zero, zero, zero, scale, lse, delta, &ag, &af);
 }
 
 /* The keys of grid rows kr0..kr1 (gw each, from s / dp) of patch query (ri, ci): bias_scale * G added to
@@ -143,13 +148,9 @@ static void row_bias(float *s, float *dp, const shape_t *sh, int64_t t, int64_t 
                       &af);
         }
         if (tail) {
-            float ts[VL] = {0}, td[VL] = {0};
-            memcpy(ts, s + j, (size_t)tail * sizeof(float));
-            memcpy(td, dp + j, (size_t)tail * sizeof(float));
             vf x = load(txg);
-            lane_step(ts, td, x * g, x * wy, (x * dy2 + load(txd)) * wy, scale, lse, delta, &ag, &af);
-            memcpy(s + j, ts, (size_t)tail * sizeof(float));
-            memcpy(dp + j, td, (size_t)tail * sizeof(float));
+            lane_tail(s + j, dp + j, tail, x * g, x * wy, (x * dy2 + load(txd)) * wy, scale, lse, delta, &ag,
+                      &af);
         }
     }
     *acc_bias += (double)hsum(ag);
