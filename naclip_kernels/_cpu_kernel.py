@@ -7,14 +7,16 @@ expose ``dS``. Formulas and the measured effect: ``docs/autograd.md`` ("Fused CP
 
 The C source is compiled once per source / compiler / CPU into ``$NACLIP_KERNELS_CACHE`` (default
 ``$XDG_CACHE_HOME/naclip_kernels``, i.e. ``~/.cache/naclip_kernels``) with ``$CC`` (default ``cc``), written
-atomically, and checked against the float64 oracle once per process. Its BLAS is the ``sgemm_`` torch itself
-links (MKL on x86-64 Linux wheels). When any of that is missing (no compiler, another BLAS, a failed check),
-or ``NACLIP_CPU_KERNEL=0``, :func:`status` says why and the callers keep aten's path: slower, same result.
+atomically, and checked against the float64 explicit path once per process. Its BLAS is the ``sgemm_``
+torch itself links (MKL on x86-64 Linux wheels). When any of that is missing (no compiler, another BLAS, a
+failed check), or ``NACLIP_CPU_KERNEL=0``, :func:`status` says why and the callers keep aten's path: slower,
+same result.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -106,7 +108,7 @@ def _compiler() -> tuple[str, str]:
 
 def _build(cc: str, version: str) -> Path:
     """The compiled library in the cache, compiled now with ``cc`` if absent (to a temporary file, then
-    renamed); _BuildError when compiling fails."""
+    renamed); RuntimeError when compiling fails."""
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join([src, " ".join(_FLAGS).encode(), version.encode(), _cpu_fingerprint().encode()])
@@ -123,7 +125,7 @@ def _build(cc: str, version: str) -> Path:
             [cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
         )
         if res.returncode != 0:
-            raise _BuildError(f"compiling {_SOURCE.name} failed: {res.stderr.strip()[-500:]}")
+            raise RuntimeError(f"compiling {_SOURCE.name} failed: {res.stderr.strip()[-500:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -142,10 +144,6 @@ def _sgemm() -> int:
         return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value  # type: ignore[return-value]
     except AttributeError:
         raise RuntimeError("libtorch_cpu.so exports no sgemm_") from None
-
-
-class _BuildError(RuntimeError):
-    """A compiler exists but the library could not be built or loaded (worth a warning)."""
 
 
 def _open() -> tuple[Status, ctypes.CDLL | None, int]:
@@ -265,33 +263,26 @@ def backward(dout, q, k, v, out, lse, spec: AttentionSpec, sigmas=(), scales=())
 
 
 def _self_check(lib, gemm) -> str | None:
-    """Compare one small per-head-sigma case (2 x 3 grid, a prefix token, 3 heads) with the dense float64
-    formulas (``docs/autograd.md``); the failure message, or None. Uses no autograd (it may run inside a
-    backward pass)."""
-    from .reference import gaussian_bias
+    """Compare one small per-head-sigma case (2 x 3 grid, a prefix token, 3 heads) with the explicit path in
+    float64 (:func:`naclip_kernels.torch_backward.explicit_backward`: plain tensor ops, no autograd, since
+    this may run inside a backward pass); the failure message, or None."""
+    from .torch_backend import bias_params
+    from .torch_backward import _finish_bias, explicit_backward, explicit_forward
 
     g = torch.Generator().manual_seed(0)
     B, H, N, D, grid, sig = 2, 3, 7, 20, (2, 3), (0.7, 1.5, 3.0)
     q, k, v, do = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(4))
-    bias = torch.stack([gaussian_bias(grid, s, num_prefix_tokens=1, dtype=torch.float64) for s in sig])
-    r = torch.arange(N - 1, dtype=torch.float64)
-    yy, xx = torch.div(r, grid[1], rounding_mode="floor"), r % grid[1]
-    d2 = torch.zeros(N, N, dtype=torch.float64)
-    d2[1:, 1:] = (yy[:, None] - yy[None, :]) ** 2 + (xx[:, None] - xx[None, :]) ** 2
-    logits = q @ k.transpose(-1, -2) * D**-0.5 + bias
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse[..., None])
-    o = p @ v
-    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    want = [ds @ k * D**-0.5, ds.transpose(-1, -2) @ q * D**-0.5, p.transpose(-1, -2) @ do]
-    want.append((ds * bias * d2).sum((0, 2, 3)))
-    spec = AttentionSpec(B, H, N, D, grid, 1.0, D**-0.5, 1, 1.0, torch.float32, torch.device("cpu"))
+    sigma = torch.tensor(sig, dtype=torch.float64)
+    spec = AttentionSpec(B, H, N, D, grid, sigma, D**-0.5, 1, 1.0, torch.float64, torch.device("cpu"))
+    o, lse = explicit_forward(q, k, v, spec)
+    dq, dk, dv, (dsig, _) = explicit_backward(do, q, k, v, o, lse, spec, need_sigma=True, need_bias=False)
+    spec32 = dataclasses.replace(spec, sigma=sigma.float(), dtype=torch.float32)
     grads = [torch.empty(B, H, N, D) for _ in range(3)]
     f32 = [t.float() for t in (q, k, v, o, do, lse.unsqueeze(-1))]
-    sums = _call(lib, gemm, [*f32, *grads], spec, sig, (1.0,) * 3)
-    got = [*grads, sums.view(B, H, 2).sum(0)[:, 1]]
-    for name, a, b in zip(("dq", "dk", "dv", "sum dS G d^2"), got, want, strict=True):
+    sums = _call(lib, gemm, [*f32, *grads], spec32, sig, (1.0,) * 3)
+    got_sig, _ = _finish_bias(bias_params(spec32), sums.view(B, H, 2).sum(0)[:, 1], None, H)
+    for name, a, b in zip(("dq", "dk", "dv", "dsigma"), [*grads, got_sig], [dq, dk, dv, dsig], strict=True):
         err = float((a.double() - b).abs().max() / b.abs().max())
         if not err <= 1e-5:
-            return f"self-check failed: {name} differs from the float64 formulas by {err:.3g} (relative)"
+            return f"self-check failed: {name} differs from the float64 explicit path by {err:.3g} (relative)"
     return None
