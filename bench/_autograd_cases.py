@@ -128,18 +128,12 @@ def build(method: str, mode: str, k, v, do, grid):
 def _without_fused_kernel(step):
     """``step`` run with ``NACLIP_CPU_KERNEL=0`` (restored after each call)."""
     import os
+    from unittest import mock
 
     from naclip_kernels._cpu_kernel import ENV_SWITCH
 
     def run():
-        old = os.environ.get(ENV_SWITCH)
-        os.environ[ENV_SWITCH] = "0"
-        try:
+        with mock.patch.dict(os.environ, {ENV_SWITCH: "0"}):
             return step()
-        finally:
-            if old is None:
-                del os.environ[ENV_SWITCH]
-            else:
-                os.environ[ENV_SWITCH] = old
 
     return run
